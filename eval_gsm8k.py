@@ -1,0 +1,10 @@
+"""Evaluate a model on GSM8K with vLLM (greedy), graded by the authors' grader and by math-verify.
+
+    python eval_gsm8k.py --model PATH --data_file GSM8K_test.jsonl
+
+See `python eval_gsm8k.py --help` and personamath/evaluation.py.
+"""
+from personamath.evaluation import main
+
+if __name__ == "__main__":
+    main("gsm8k")

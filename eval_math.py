@@ -1,0 +1,10 @@
+"""Evaluate a model on MATH with vLLM (greedy), graded by the authors' grader and by math-verify.
+
+    python eval_math.py --model PATH --data_file MATH_test.jsonl
+
+See `python eval_math.py --help` and personamath/evaluation.py.
+"""
+from personamath.evaluation import main
+
+if __name__ == "__main__":
+    main("math")

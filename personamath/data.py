@@ -1,0 +1,88 @@
+"""Loading GSM8K and MATH records in every format this project meets, detected per file.
+
+| task  | format       | question      | gold answer                         |
+|-------|--------------|---------------|-------------------------------------|
+| gsm8k | authors'     | `query`       | after `#### ` in `response`         |
+| gsm8k | original     | `question`    | after `#### ` in `answer`           |
+| math  | MATH-500     | `problem`     | `answer`                            |
+| math  | original     | `problem`     | last `\\boxed{}` of `solution`      |
+| math  | authors'     | `instruction` | last `\\boxed{}` of `output`        |
+"""
+from dataclasses import dataclass
+from typing import Callable
+from pathlib import Path
+
+from . import parser
+from .errors import UserError
+from .jsonl import iter_jsonl
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    gold: str
+    level: str | None = None  # MATH difficulty, "1".."5" (or "?" as in two train records)
+    subject: str | None = None  # MATH subject, e.g. "Algebra"
+
+
+def _stripped(answer: str) -> str | None:
+    return answer.strip() or None
+
+
+@dataclass(frozen=True)
+class _Format:
+    name: str
+    question_key: str
+    source_key: str  # the field the gold answer is read from
+    gold_from: Callable[[str], str | None]
+
+    def gold(self, record: dict) -> str | None:
+        source = record[self.source_key]
+        return self.gold_from(source) if isinstance(source, str) else None
+
+
+FORMATS = {
+    "gsm8k": (_Format("authors' GSM8K (query/response)", "query", "response", parser.gsm8k_gold),
+              _Format("GSM8K (question/answer)", "question", "answer", parser.gsm8k_gold)),
+    "math": (_Format("MATH-500 (problem/answer)", "problem", "answer", _stripped),
+             _Format("MATH (problem/solution)", "problem", "solution", parser.last_boxed_answer),
+             _Format("authors' MATH (instruction/output)", "instruction", "output", parser.last_boxed_answer)),
+}
+
+
+def _detect(task: str, path: Path, lineno: int, record: dict) -> _Format:
+    for fmt in FORMATS[task]:
+        if fmt.question_key in record and fmt.source_key in record:
+            return fmt
+    expected = "; ".join(f"{f.question_key}/{f.source_key}" for f in FORMATS[task])
+    raise UserError(f"{path}:{lineno}: not a {task} record: has keys {sorted(record)}, expected {expected}")
+
+
+def _level(record: dict) -> str | None:
+    level = record.get("level")
+    if level is None:
+        return None
+    return str(level).removeprefix("Level ").strip()
+
+
+def load_problems(task: str, path) -> list[Problem]:
+    """All records of `path` as Problems; the format is detected from the first record."""
+    path = Path(path)
+    problems, fmt = [], None
+    for lineno, record in iter_jsonl(path):
+        fmt = fmt or _detect(task, path, lineno, record)
+        question = record.get(fmt.question_key)
+        if not isinstance(question, str) or not question.strip():
+            raise UserError(f"{path}:{lineno}: record has no question in `{fmt.question_key}`")
+        if fmt.source_key not in record:
+            raise UserError(f"{path}:{lineno}: record has no `{fmt.source_key}` (file is {fmt.name})")
+        gold = fmt.gold(record)
+        if gold is None:
+            raise UserError(f"{path}:{lineno}: no gold answer in `{fmt.source_key}`")
+        record_id = record.get("unique_id", record.get("idx", f"{path.stem}:{lineno}"))
+        problems.append(Problem(id=str(record_id), question=question, gold=gold, level=_level(record),
+                                subject=record.get("type", record.get("subject"))))
+    if not problems:
+        raise UserError(f"{path}: no records")
+    return problems

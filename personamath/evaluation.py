@@ -1,0 +1,261 @@
+"""The evaluation behind eval_gsm8k.py and eval_math.py: prompts -> one vLLM generate call -> two graders.
+
+Outputs (all inside --output_dir): generations.jsonl, written as soon as generation ends and again
+with the verdicts; summary.json; summary.md. `--generations FILE` re-grades a saved generations.jsonl
+without a model.
+"""
+import argparse
+import sys
+import time
+from collections import Counter, defaultdict
+from datetime import datetime
+from pathlib import Path
+
+from . import grader
+from .data import Problem, load_problems
+from .errors import UserError, exit_on_user_error
+from .jsonl import read_jsonl, write_json, write_jsonl
+from .prompts import load_prompt
+
+# The authors' template ends in "### Response: Let's think step by step."; a model that goes on to
+# invent the next example starts one of these. The authors also stopped at bare words such as
+# "Response" or "Question", which cut legitimate solutions ("Question 2 asks...").
+ALPACA_STOP = ["### Instruction:", "### Response:", "Below is an instruction that describes a task"]
+PROMPTS = {"alpaca": "alpaca", "chat": "chat_math"}
+ROW_KEYS = ("id", "question", "gold", "completion")  # what --generations needs in every row
+
+
+def build_parser(task: str) -> argparse.ArgumentParser:
+    name = {"gsm8k": "GSM8K", "math": "MATH"}[task]
+    p = argparse.ArgumentParser(description=f"Evaluate a model on {name} with vLLM (greedy decoding), "
+                                            "graded by the authors' grader and by math-verify.")
+    p.add_argument("--model", help="model directory (or hub id where a hub is reachable)")
+    p.add_argument("--data_file", help=f"{name} test JSONL in the authors' or the original format")
+    p.add_argument("--start", type=int, default=0, help="first record (index into the file)")
+    p.add_argument("--end", type=int, default=sys.maxsize, help="one past the last record")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="sequences vLLM runs at once (max_num_seqs); all prompts go in one generate call")
+    p.add_argument("--tensor_parallel_size", type=int, default=1)
+    p.add_argument("--output_dir", help="where outputs go (default: runs/eval/<task>/<model>-<time>)")
+    p.add_argument("--max_tokens", type=int, default=4096,
+                   help="generation budget, capped by the model's context")
+    p.add_argument("--prompt", choices=sorted(PROMPTS), default="alpaca",
+                   help="alpaca: the authors' no-input template; chat: the tokenizer's chat template")
+    p.add_argument("--grader", choices=("both",) + grader.GRADERS, default="both")
+    p.add_argument("--generations", help="re-grade this saved generations.jsonl instead of generating")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grading_timeout", type=float, default=10.0, help="seconds per item for math-verify")
+    p.add_argument("--grading_workers", type=int, default=None, help="math-verify processes")
+    return p
+
+
+def main(task: str, argv: list[str] | None = None) -> None:
+    args = build_parser(task).parse_args(argv)
+    with exit_on_user_error():
+        run(task, args)
+
+
+def run(task: str, args: argparse.Namespace, llm=None) -> dict:
+    """Evaluate and write every output; `llm` lets a caller reuse an already loaded vLLM engine."""
+    started = time.time()
+    if args.generations:
+        rows, generation = _load_generations(task, args.generations), None
+        model = rows[0].get("model", "unknown")
+    else:
+        if not args.model or not args.data_file:
+            raise UserError("--model and --data_file are required (or --generations to re-grade)")
+        model = args.model
+        _check_model(model)
+        problems = load_problems(task, args.data_file)[args.start:args.end][:args.limit]
+        if not problems:
+            raise UserError(f"{args.data_file}: no records between --start {args.start} and --end {args.end}")
+    out_dir = Path(args.output_dir or _default_output_dir(task, model))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.generations:
+        rows, generation = _generate(task, problems, args, llm)
+        write_jsonl(out_dir / "generations.jsonl", rows)  # kept even if grading fails
+
+    graders = grader.GRADERS if args.grader == "both" else (args.grader,)
+    grading_started = time.time()
+    _grade(task, rows, graders, args)
+    grading_s = time.time() - grading_started
+    write_jsonl(out_dir / "generations.jsonl", rows)
+
+    summary = _summarize(task, rows, graders, args, model, generation, grading_s, time.time() - started)
+    write_json(out_dir / "summary.json", summary)
+    markdown = render_markdown(summary)
+    (out_dir / "summary.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    print(f"outputs: {out_dir}")
+    return summary
+
+
+def _default_output_dir(task: str, model: str) -> Path:
+    return Path("runs") / "eval" / task / f"{Path(model).name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _check_model(model: str) -> None:
+    path = Path(model)
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not path.exists() and not looks_like_hub_id:
+        raise UserError(f"model {model}: no such directory")
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"model {model}: not a model directory (no config.json)")
+
+
+def _load_generations(task: str, path) -> list[dict]:
+    rows = read_jsonl(path)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    for lineno, row in enumerate(rows, start=1):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise UserError(f"{path}:{lineno}: not a generations row (missing {', '.join(missing)})")
+        if row.get("task", task) != task:
+            raise UserError(f"{path}:{lineno}: row is from a {row['task']} evaluation, not {task}")
+    return rows
+
+
+def _generate(task: str, problems: list[Problem], args, llm) -> tuple[list[dict], dict]:
+    from .inference import make_llm, sampling_params
+
+    llm = llm or make_llm(args.model, args.tensor_parallel_size, args.batch_size, args.seed)
+    tokenizer = llm.get_tokenizer()
+    prompt = load_prompt(PROMPTS[args.prompt])
+    if args.prompt == "alpaca":
+        texts = [prompt.render(instruction=p.question) for p in problems]
+        token_ids = [tokenizer(t).input_ids for t in texts]
+        stop = ALPACA_STOP
+    else:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt.render(instruction=p.question)}],
+                                               tokenize=False, add_generation_prompt=True) for p in problems]
+        token_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]  # template has BOS
+        stop = []
+    context = llm.llm_engine.model_config.max_model_len
+    for problem, ids in zip(problems, token_ids):
+        if len(ids) >= context:
+            raise UserError(f"item {problem.id}: prompt of {len(ids)} tokens does not fit the "
+                            f"model's context of {context}")
+    params = [sampling_params(min(args.max_tokens, context - len(ids)), stop, args.seed) for ids in token_ids]
+
+    started = time.time()
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=True)
+    wall_s = time.time() - started
+
+    rows = []
+    for problem, text, ids, output in zip(problems, texts, token_ids, outputs, strict=True):
+        completion = output.outputs[0]
+        rows.append({"task": task, "id": problem.id, "question": problem.question, "gold": problem.gold,
+                     "level": problem.level, "subject": problem.subject, "model": args.model,
+                     "prompt_version": prompt.version, "prompt": text, "completion": completion.text,
+                     "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+                     "prompt_tokens": len(ids), "completion_tokens": len(completion.token_ids)})
+    generation = {"wall_s": wall_s, "prompt": args.prompt, "prompt_version": prompt.version,
+                  "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": args.max_tokens,
+                               "stop": stop, "seed": args.seed},
+                  "data_file": str(args.data_file), "start": args.start, "end": args.end,
+                  "limit": args.limit, "tensor_parallel_size": args.tensor_parallel_size}
+    return rows, generation
+
+
+def _grade(task: str, rows: list[dict], graders: tuple[str, ...], args) -> None:
+    completions = [r["completion"] for r in rows]
+    golds = [r["gold"] for r in rows]
+    verdicts = {}
+    if "paper" in graders:
+        verdicts["paper"] = [grader.paper_grade_safe(task, c, g) for c, g in zip(completions, golds)]
+    if "verify" in graders:
+        verdicts["verify"] = grader.verify_many(task, completions, golds, timeout=args.grading_timeout,
+                                                workers=args.grading_workers)
+    for i, row in enumerate(rows):
+        errors = {}
+        for name in grader.GRADERS:
+            verdict = verdicts[name][i] if name in verdicts else None
+            row[f"{name}_extracted"] = verdict.extracted if verdict else None
+            row[f"{name}_correct"] = verdict.correct if verdict else None
+            if verdict and verdict.error:
+                errors[name] = verdict.error
+        row["grading_errors"] = errors or None
+
+
+def _accuracy_table(rows: list[dict], graders) -> dict:
+    table = {}
+    for g in graders:
+        correct = sum(bool(r[f"{g}_correct"]) for r in rows)
+        table[g] = {"n": len(rows), "correct": correct, "accuracy": correct / len(rows) if rows else 0.0}
+    return table
+
+
+def _breakdown(rows: list[dict], key: str, graders) -> dict:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[str(row.get(key))].append(row)
+    return {value: _accuracy_table(group, graders) for value, group in sorted(groups.items())}
+
+
+def _summarize(task, rows, graders, args, model, generation, grading_s, total_s) -> dict:
+    prompt_tokens = sum(r.get("prompt_tokens") or 0 for r in rows)
+    completion_tokens = sum(r.get("completion_tokens") or 0 for r in rows)
+    gen_s = generation["wall_s"] if generation else None
+    disagree = ([r["id"] for r in rows if r["paper_correct"] != r["verify_correct"]]
+                if len(graders) == 2 else [])
+    overall = _accuracy_table(rows, graders)
+    summary = {
+        "task": task,
+        "model": model,
+        "n": len(rows),
+        "graders": list(graders),
+        "accuracy": {g: t["accuracy"] for g, t in overall.items()},
+        "correct": {g: t["correct"] for g, t in overall.items()},
+        "no_answer": {g: sum(r[f"{g}_extracted"] is None for r in rows) for g in graders},
+        "grading_errors": sum(bool(r.get("grading_errors")) for r in rows),
+        "disagreements": {"count": len(disagree), "ids": disagree[:100]},
+        "finish_reasons": dict(Counter(str(r.get("finish_reason")) for r in rows)),
+        "tokens": {"prompt": prompt_tokens, "completion": completion_tokens},
+        "wall_s": {"generation": gen_s, "grading": grading_s, "total": total_s},
+        "completion_tokens_per_s": completion_tokens / gen_s if gen_s else None,
+        "generation": generation or {"regraded_from": str(args.generations)},
+    }
+    if task == "math":
+        summary["by_level"] = _breakdown(rows, "level", graders)
+        summary["by_subject"] = _breakdown(rows, "subject", graders)
+    return summary
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def render_markdown(summary: dict) -> str:
+    graders = summary["graders"]
+    gen = summary["generation"]
+    lines = [f"# {summary['task'].upper()} evaluation", "",
+             f"- model: `{summary['model']}`"]
+    if "regraded_from" in gen:
+        lines.append(f"- re-graded from: `{gen['regraded_from']}`")
+    else:
+        lines += [f"- data: `{gen['data_file']}` (start {gen['start']}, limit {gen['limit']})",
+                  f"- prompt: `{gen['prompt_version']}`; sampling: {gen['sampling']}"]
+    lines += ["", "| grader | correct | n | accuracy (%) | no answer extracted |", "|---|---|---|---|---|"]
+    for g in graders:
+        lines.append(f"| {g} | {summary['correct'][g]} | {summary['n']} | {_pct(summary['accuracy'][g])} "
+                     f"| {summary['no_answer'][g]} |")
+    for key, title in (("by_level", "level"), ("by_subject", "subject")):
+        if key in summary:
+            lines += ["", f"| {title} | n | " + " | ".join(f"{g} (%)" for g in graders) + " |",
+                      "|---|---|" + "---|" * len(graders)]
+            for value, table in summary[key].items():
+                n = table[graders[0]]["n"]
+                lines.append(f"| {value} | {n} | " + " | ".join(_pct(table[g]["accuracy"]) for g in graders) + " |")
+    lines.append("")
+    if len(graders) == 2:
+        lines.append(f"- graders disagree on {summary['disagreements']['count']} items")
+    lines.append(f"- grading errors (timeouts, crashes; graded wrong): {summary['grading_errors']}")
+    lines.append(f"- finish reasons: {summary['finish_reasons']}")
+    tokens, wall = summary["tokens"], summary["wall_s"]
+    speed = summary["completion_tokens_per_s"]
+    lines.append(f"- tokens: {tokens['prompt']} in, {tokens['completion']} out"
+                 + (f"; generation {wall['generation']:.1f} s, {speed:.1f} tokens/s" if speed else "")
+                 + f"; grading {wall['grading']:.1f} s; total {wall['total']:.1f} s")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,48 @@
+"""JSONL reading and writing. Errors name the file and line; writes never leave a half-written file."""
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import UserError
+
+
+def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each non-blank line; a malformed line is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def read_jsonl(path) -> list[dict]:
+    return [record for _, record in iter_jsonl(path)]
+
+
+def write_jsonl(path, records: Iterable[dict]) -> None:
+    """Write all records to a temporary file, then rename it over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

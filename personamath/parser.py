@@ -1,0 +1,119 @@
+"""Answer extraction, kept apart from equivalence (grader.py).
+
+Two families:
+- `paper_*`: what the authors' eval scripts extract, reproduced from their observable behaviour
+  (the last `\\boxed`/`\\fbox` group; for GSM8K the first number after the last `\\boxed{`, rounded).
+- `gsm8k_verify_text`: the GSM8K preprocessing of the `verify` grader.
+"""
+import re
+from fractions import Fraction
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def last_boxed_group(text: str) -> str | None:
+    """The last `\\boxed{...}` (or, when there is none, `\\fbox{...}`) including the command, braces balanced.
+
+    None when the command is absent or its group never closes. Like the authors' helper, the scan
+    starts at the command itself, so `\\boxed 5` with no brace after it yields None.
+    """
+    for command in _BOX_COMMANDS:
+        start = text.rfind(command)
+        if start >= 0:
+            break
+    else:
+        return None
+    depth = 0
+    for i in range(start, len(text)):
+        char = text[i]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1]
+    return None
+
+
+def strip_boxed(group: str | None) -> str | None:
+    """`\\boxed{x}` -> `x`; anything else (including `\\fbox{x}`) -> None, as in the authors' scripts."""
+    prefix = "\\boxed{"
+    if group is None or not group.startswith(prefix) or not group.endswith("}"):
+        return None
+    return group[len(prefix) : -1]
+
+
+def last_boxed_answer(text: str) -> str | None:
+    """The content of the last `\\boxed{...}`: the MATH gold answer and the `paper` MATH prediction."""
+    return strip_boxed(last_boxed_group(text))
+
+
+# A sign, optional leading digits, at most one of `.`, `,` or `/`, then digits: the authors' number pattern.
+# It reads `1,234,567` as `1,234` and `17.6` as one number that is then rounded.
+_PAPER_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
+
+
+def _is_plain_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        pass
+    try:  # a single numeric character such as '½'
+        import unicodedata
+
+        unicodedata.numeric(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def paper_gsm8k_number(completion: str) -> int | None:
+    """The authors' GSM8K prediction: the first number after the last `\\boxed{`, rounded to an integer.
+
+    Rounding is Python's (half to even). None when there is no `\\boxed{`, no number after it,
+    or the number overflows a float.
+    """
+    parts = completion.split("\\boxed{")
+    if len(parts) < 2:
+        return None
+    match = _PAPER_NUMBER.search(parts[-1].strip())
+    if match is None:
+        return None
+    token = match.group()
+    if "/" in token:
+        numerator, denominator = token.split("/")
+        if not (_is_plain_number(numerator) and _is_plain_number(denominator)):
+            return None
+        if denominator == "0":
+            return round(float(numerator.replace(",", "")))
+        fraction = Fraction(token.replace(",", ""))
+        return round(float(fraction.numerator / fraction.denominator))
+    value = float(token.replace(",", ""))
+    if value == float("inf"):
+        return None
+    return round(value)
+
+
+def gsm8k_gold(answer_text: str) -> str | None:
+    """The gold number of a GSM8K answer (`... #### 1,234`), without thousands separators."""
+    _, sep, tail = answer_text.partition("#### ")
+    if not sep:
+        return None
+    gold = tail.strip().replace(",", "")
+    return gold or None
+
+
+# `1,234,567` or `1{,}234`: digit groups of three joined by a comma (LaTeX often braces it).
+_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:(?:,|\{,\})\d{3})+(?!\d)")
+
+
+# GSM8K's calculator annotations, `<<48/2=24>>`: they repeat the arithmetic and confuse extraction.
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_verify_text(text: str) -> str:
+    """A GSM8K completion as the `verify` grader reads it: calculator annotations dropped and
+    `1,234,567` joined into one number instead of three."""
+    text = _CALCULATOR.sub("", text)
+    return _THOUSANDS.sub(lambda m: m.group().replace("{,}", "").replace(",", ""), text)

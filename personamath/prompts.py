@@ -1,0 +1,34 @@
+"""Prompt templates: versioned text files in personamath/prompts/, named `<name>.v<N>.txt`.
+
+A template's `{field}` placeholders are filled in one pass, so other braces (`\\boxed{}`) and
+braces inside the filled-in values are left alone.
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    version: str  # e.g. "alpaca.v1": recorded with every output so results name the exact prompt
+    text: str
+
+    def render(self, **fields: str) -> str:
+        missing = set(_PLACEHOLDER.findall(self.text)) - set(fields)
+        if missing:
+            raise KeyError(f"prompt {self.version} needs {sorted(missing)}")
+        return _PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), self.text)
+
+
+def load_prompt(name: str, version: int | None = None) -> Prompt:
+    """The given version of a template, or its newest."""
+    versions = sorted(int(p.name.split(".v")[-1][:-4]) for p in PROMPT_DIR.glob(f"{name}.v*.txt"))
+    if not versions:
+        raise FileNotFoundError(f"no prompt named {name!r} in {PROMPT_DIR}")
+    version = versions[-1] if version is None else version
+    path = PROMPT_DIR / f"{name}.v{version}.txt"
+    return Prompt(name=name, version=f"{name}.v{version}", text=path.read_text(encoding="utf-8"))
