@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EMBEDDED := .cache/models/SmolLM2-135M-Instruct
-# Slice sizes of the main job; raise them for a longer, less noisy run.
+# Slice sizes of the main job; raise them for a longer, less noisy run. MATH-500 is used for the
+# MATH slice because its order mixes subjects and levels (MATH_test.jsonl is sorted by subject).
 N_GSM8K ?= 16
 N_MATH ?= 16
 MAX_TOKENS ?= 512
@@ -15,7 +16,7 @@ setup:
 run: setup
 	$(PY) eval_gsm8k.py --model $(EMBEDDED) --data_file data/GSM8K_test.jsonl --limit $(N_GSM8K) \
 		--max_tokens $(MAX_TOKENS) --output_dir runs/embedded/eval_gsm8k
-	$(PY) eval_math.py --model $(EMBEDDED) --data_file data/MATH_test.jsonl --limit $(N_MATH) \
+	$(PY) eval_math.py --model $(EMBEDDED) --data_file data/math/math500_test.jsonl --limit $(N_MATH) \
 		--max_tokens $(MAX_TOKENS) --output_dir runs/embedded/eval_math
 
 test: setup

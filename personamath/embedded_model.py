@@ -42,6 +42,8 @@ def ensure_embedded_model(target: Path = DEFAULT_DIR) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
+    # Stored in bf16, the dtype vLLM serves it in (2.5x the fp32 speed on this CPU); training upcasts.
+    model.to(torch.bfloat16)
     # Written beside the target and renamed into place, so an interrupted conversion leaves no half folder.
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)

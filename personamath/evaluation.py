@@ -120,6 +120,7 @@ def _load_generations(task: str, path) -> list[dict]:
 def _generate(task: str, problems: list[Problem], args, llm) -> tuple[list[dict], dict]:
     from .inference import make_llm, sampling_params
 
+    own_engine = llm is None
     llm = llm or make_llm(args.model, args.tensor_parallel_size, args.batch_size, args.seed)
     tokenizer = llm.get_tokenizer()
     prompt = load_prompt(PROMPTS[args.prompt])
@@ -142,6 +143,8 @@ def _generate(task: str, problems: list[Problem], args, llm) -> tuple[list[dict]
     started = time.time()
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=True)
     wall_s = time.time() - started
+    if own_engine:  # free its memory and threads before grading starts its worker processes
+        llm.llm_engine.engine_core.shutdown()
 
     rows = []
     for problem, text, ids, output in zip(problems, texts, token_ids, outputs, strict=True):

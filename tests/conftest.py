@@ -1,0 +1,30 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+
+
+def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would, from the repo root."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    from personamath.embedded_model import ensure_embedded_model
+
+    return ensure_embedded_model()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(embedded_model):
+    """One vLLM engine (CPU) on the embedded model, shared by every test that generates in-process."""
+    from personamath.inference import make_llm
+
+    llm = make_llm(str(embedded_model))
+    yield llm
+    llm.llm_engine.engine_core.shutdown()  # now, while pytest still captures the engine's last log lines

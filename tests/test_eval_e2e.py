@@ -1,0 +1,89 @@
+"""Both eval scripts end to end on the embedded SmolLM2 with vLLM on CPU, and re-grading."""
+import json
+
+from conftest import DATA, run_script
+
+from personamath.evaluation import build_parser, run
+from personamath.jsonl import read_jsonl, write_jsonl
+
+ROW_FIELDS = {"task", "id", "question", "gold", "prompt", "prompt_version", "completion", "finish_reason",
+              "prompt_tokens", "completion_tokens", "paper_extracted", "paper_correct", "verify_extracted",
+              "verify_correct", "grading_errors"}
+
+
+def check_outputs(out_dir, task, n):
+    rows = read_jsonl(out_dir / "generations.jsonl")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert len(rows) == n == summary["n"]
+    for row in rows:
+        assert ROW_FIELDS <= set(row)
+        assert row["finish_reason"] in {"stop", "length"}
+        assert row["completion_tokens"] > 0 or row["completion"] == ""
+    assert sum(r["completion_tokens"] > 0 for r in rows) >= n // 2  # the model really generated
+    for g in ("paper", "verify"):
+        assert summary["correct"][g] == sum(r[f"{g}_correct"] for r in rows)
+        assert summary["no_answer"][g] == sum(r[f"{g}_extracted"] is None for r in rows)
+    assert summary["disagreements"]["count"] == sum(r["paper_correct"] != r["verify_correct"] for r in rows)
+    assert summary["tokens"]["completion"] == sum(r["completion_tokens"] for r in rows) > 0
+    assert summary["wall_s"]["generation"] > 0 and summary["completion_tokens_per_s"] > 0
+    markdown = (out_dir / "summary.md").read_text()
+    assert f"# {task.upper()} evaluation" in markdown and "| paper |" in markdown and "| verify |" in markdown
+    return rows, summary
+
+
+def check_regrading(script, out_dir, tmp_path, task):
+    """--generations reproduces the verdicts, and grades edited completions afresh."""
+    rows = read_jsonl(out_dir / "generations.jsonl")
+    regraded_dir = tmp_path / f"{task}-regraded"
+    result = run_script(script, "--generations", str(out_dir / "generations.jsonl"), "--output_dir", str(regraded_dir))
+    assert result.returncode == 0, result.stderr
+    regraded = read_jsonl(regraded_dir / "generations.jsonl")
+    keys = ("paper_extracted", "paper_correct", "verify_extracted", "verify_correct")
+    assert [[r[k] for k in keys] for r in regraded] == [[r[k] for k in keys] for r in rows]
+
+    # Give two items the right answer: re-grading must now mark exactly those correct by both graders.
+    edited = [dict(r) for r in rows]
+    for row in edited[:2]:
+        row["completion"] = f"Working it out, the result is $\\boxed{{{row['gold']}}}$."
+    write_jsonl(tmp_path / "edited.jsonl", edited)
+    result = run_script(script, "--generations", str(tmp_path / "edited.jsonl"), "--output_dir", str(tmp_path / "edited"))
+    assert result.returncode == 0, result.stderr
+    regraded = read_jsonl(tmp_path / "edited" / "generations.jsonl")
+    assert all(r["paper_correct"] and r["verify_correct"] for r in regraded[:2])
+    assert [[r[k] for k in keys] for r in regraded[2:]] == [[r[k] for k in keys] for r in rows[2:]]
+
+
+def test_eval_gsm8k_cli(tmp_path, embedded_model):
+    """The real script, with the authors' flags (--start/--end/--batch_size) and their prompt."""
+    out_dir = tmp_path / "gsm8k"
+    result = run_script("eval_gsm8k.py", "--model", str(embedded_model), "--data_file", str(DATA / "GSM8K_test.jsonl"),
+                        "--start", "100", "--end", "108", "--batch_size", "8", "--max_tokens", "192",
+                        "--output_dir", str(out_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| verify |" in result.stdout
+    rows, summary = check_outputs(out_dir, "gsm8k", 8)
+    assert [r["id"] for r in rows] == [f"GSM8K_test:{i}" for i in range(101, 109)]
+    assert rows[0]["prompt"].endswith("### Response: Let's think step by step.")
+    assert summary["generation"]["prompt_version"] == "alpaca.v1"
+    check_regrading("eval_gsm8k.py", out_dir, tmp_path, "gsm8k")
+
+
+def test_eval_math_chat_prompt(tmp_path, vllm_engine, embedded_model):
+    out_dir = tmp_path / "math"
+    args = build_parser("math").parse_args(["--model", str(embedded_model), "--data_file", str(DATA / "MATH_test.jsonl"),
+                                            "--limit", "8", "--max_tokens", "192", "--prompt", "chat",
+                                            "--output_dir", str(out_dir)])
+    run("math", args, llm=vllm_engine)
+    rows, summary = check_outputs(out_dir, "math", 8)
+    assert rows[0]["prompt"].startswith("<|im_start|>") and "\\boxed{}" in rows[0]["prompt"]
+    assert sum(t["paper"]["n"] for t in summary["by_level"].values()) == 8
+    assert sum(t["verify"]["n"] for t in summary["by_subject"].values()) == 8
+    check_regrading("eval_math.py", out_dir, tmp_path, "math")
+
+
+def test_eval_math500(tmp_path, vllm_engine, embedded_model):
+    args = build_parser("math").parse_args(["--model", str(embedded_model), "--data_file",
+                                            str(DATA / "math" / "math500_test.jsonl"), "--limit", "4",
+                                            "--max_tokens", "64", "--output_dir", str(tmp_path)])
+    summary = run("math", args, llm=vllm_engine)
+    assert summary["n"] == 4 and set(summary["by_level"]) <= {"1", "2", "3", "4", "5"}
