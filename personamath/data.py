@@ -46,17 +46,36 @@ FORMATS = {
     "gsm8k": (_Format("authors' GSM8K (query/response)", "query", "response", parser.gsm8k_gold),
               _Format("GSM8K (question/answer)", "question", "answer", parser.gsm8k_gold)),
     "math": (_Format("MATH-500 (problem/answer)", "problem", "answer", _stripped),
-             _Format("MATH (problem/solution)", "problem", "solution", parser.last_boxed_answer),
-             _Format("authors' MATH (instruction/output)", "instruction", "output", parser.last_boxed_answer)),
+             _Format("MATH (problem/solution)", "problem", "solution", parser.gold_boxed_answer),
+             _Format("authors' MATH (instruction/output)", "instruction", "output", parser.gold_boxed_answer)),
 }
 
 
-def _detect(task: str, path: Path, lineno: int, record: dict) -> _Format:
+class FormatMismatch(UserError):
+    """The records are not of the task asked for."""
+
+
+def _detect(task: str, path, lineno: int, record: dict) -> _Format:
     for fmt in FORMATS[task]:
         if fmt.question_key in record and fmt.source_key in record:
             return fmt
     expected = "; ".join(f"{f.question_key}/{f.source_key}" for f in FORMATS[task])
-    raise UserError(f"{path}:{lineno}: not a {task} record: has keys {sorted(record)}, expected {expected}")
+    raise FormatMismatch(f"{path}:{lineno}: not a {task} record: has keys {sorted(record)}, expected {expected}")
+
+
+def _records(source):
+    """(line number, record) of a JSONL file, or of a `datasets` dataset named `name[:config]:split`."""
+    if Path(source).is_file() or ":" not in str(source):
+        yield from iter_jsonl(source)
+        return
+    import datasets
+
+    name, *config, split = str(source).split(":")
+    try:
+        dataset = datasets.load_dataset(name, *config, split=split)
+    except Exception as err:  # noqa: BLE001 - offline, unknown name, bad split: all the user's to fix
+        raise UserError(f"{source}: cannot load dataset ({type(err).__name__}: {err})") from None
+    yield from enumerate(dataset, start=1)
 
 
 def _level(record: dict) -> str | None:
@@ -67,10 +86,9 @@ def _level(record: dict) -> str | None:
 
 
 def load_problems(task: str, path) -> list[Problem]:
-    """All records of `path` as Problems; the format is detected from the first record."""
-    path = Path(path)
+    """All records of a JSONL file (or `datasets` name) as Problems; the format is detected from the first."""
     problems, fmt = [], None
-    for lineno, record in iter_jsonl(path):
+    for lineno, record in _records(path):
         fmt = fmt or _detect(task, path, lineno, record)
         question = record.get(fmt.question_key)
         if not isinstance(question, str) or not question.strip():
@@ -80,9 +98,19 @@ def load_problems(task: str, path) -> list[Problem]:
         gold = fmt.gold(record)
         if gold is None:
             raise UserError(f"{path}:{lineno}: no gold answer in `{fmt.source_key}`")
-        record_id = record.get("unique_id", record.get("idx", f"{path.stem}:{lineno}"))
+        record_id = record.get("unique_id", record.get("idx", f"{Path(path).stem}:{lineno}"))
         problems.append(Problem(id=str(record_id), question=question, gold=gold, level=_level(record),
                                 subject=record.get("type", record.get("subject"))))
     if not problems:
         raise UserError(f"{path}: no records")
     return problems
+
+
+def load_any(path) -> tuple[str, list[Problem]]:
+    """The task (gsm8k or math) whose format the records have, and the records as Problems."""
+    for task in FORMATS:
+        try:
+            return task, load_problems(task, path)
+        except FormatMismatch:
+            continue
+    raise UserError(f"{path}: neither GSM8K nor MATH records")

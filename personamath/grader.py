@@ -153,10 +153,11 @@ def verify_grade(task: str, completion: str, gold: str) -> Verdict:
     return Verdict(str(predicted[1]), bool(verify(gold_parsed, predicted)))
 
 
-def _verify_in_worker(task: str, completion: str, gold: str) -> Verdict:
+def verify_safely(task: str, completion: str, gold: str) -> Verdict:
+    """verify_grade for a worker process: any failure grades the item wrong, with the reason."""
     try:
         return verify_grade(task, completion, gold)
-    except Exception as err:  # noqa: BLE001 - any failure of one item grades that item wrong
+    except Exception as err:  # noqa: BLE001 - one item's failure must not stop the run
         return Verdict(None, False, f"{type(err).__name__}: {err}"[:500])
 
 
@@ -171,24 +172,36 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
+def grading_pool(workers: int | None = None):
+    """A pebble pool for verify_safely. Spawn, not fork: the caller may hold vLLM's or asyncio's
+    threads and locks, which a forked child would inherit."""
+    from pebble import ProcessPool
+
+    return ProcessPool(max_workers=workers or default_workers(), initializer=_warm_up_worker,
+                       context=multiprocessing.get_context("spawn"))
+
+
+def failed_verdict(err: BaseException, timeout: float) -> Verdict:
+    """The verdict of an item whose worker timed out (and was killed) or died."""
+    if isinstance(err, FutureTimeout):
+        return Verdict(None, False, f"timeout after {timeout:g}s")
+    return Verdict(None, False, f"grader process died: {err}")
+
+
 def verify_many(task: str, completions: list[str], golds: list[str], timeout: float = 10.0,
                 workers: int | None = None) -> list[Verdict]:
     """Grade every (completion, gold) pair with math-verify in a pool of worker processes."""
-    from pebble import ProcessExpired, ProcessPool
+    from pebble import ProcessExpired
 
-    # spawn, not fork: the caller may hold vLLM's threads and locks, which a forked child would inherit.
-    with ProcessPool(max_workers=workers or default_workers(), initializer=_warm_up_worker,
-                     context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.schedule(_verify_in_worker, args=(task, c, g), timeout=timeout)
+    with grading_pool(workers) as pool:
+        futures = [pool.schedule(verify_safely, args=(task, c, g), timeout=timeout)
                    for c, g in zip(completions, golds, strict=True)]
         verdicts = []
         for future in futures:
             try:
                 verdicts.append(future.result())
-            except FutureTimeout:
-                verdicts.append(Verdict(None, False, f"timeout after {timeout:g}s"))
-            except ProcessExpired as err:
-                verdicts.append(Verdict(None, False, f"grader process died: {err}"))
+            except (FutureTimeout, ProcessExpired) as err:
+                verdicts.append(failed_verdict(err, timeout))
     return verdicts
 
 

@@ -48,6 +48,18 @@ def last_boxed_answer(text: str) -> str | None:
     return strip_boxed(last_boxed_group(text))
 
 
+_BOXED_UNBRACED = re.compile(r"\\boxed ([^\s$]+)")
+
+
+def gold_boxed_answer(solution: str) -> str | None:
+    """The gold answer of a MATH reference solution: its last `\\boxed{...}`, or for the few train
+    solutions written `\\boxed 2`, the token after it."""
+    answer = last_boxed_answer(solution)
+    if answer is None and (unbraced := _BOXED_UNBRACED.findall(solution)):
+        answer = unbraced[-1]
+    return answer
+
+
 # A sign, optional leading digits, at most one of `.`, `,` or `/`, then digits: the authors' number pattern.
 # It reads `1,234,567` as `1,234` and `17.6` as one number that is then rounded.
 _PAPER_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")

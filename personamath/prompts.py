@@ -1,6 +1,6 @@
 """Prompt templates: versioned text files in personamath/prompts/, named `<name>.v<N>.txt`.
 
-A template's `{field}` placeholders are filled in one pass, so other braces (`\\boxed{}`) and
+A template's `{field}` placeholders are filled in one pass, so other braces (`\\boxed{answer}`) and
 braces inside the filled-in values are left alone.
 """
 import re
@@ -18,9 +18,10 @@ class Prompt:
     text: str
 
     def render(self, **fields: str) -> str:
-        missing = set(_PLACEHOLDER.findall(self.text)) - set(fields)
-        if missing:
-            raise KeyError(f"prompt {self.version} needs {sorted(missing)}")
+        # Checked this way round because templates also hold literal braces such as `\\boxed{answer}`.
+        unused = set(fields) - set(_PLACEHOLDER.findall(self.text))
+        if unused:
+            raise KeyError(f"prompt {self.version} has no placeholder for {sorted(unused)}")
         return _PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), self.text)
 
 

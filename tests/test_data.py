@@ -100,7 +100,7 @@ def test_prompt_templates():
     assert text.endswith("### Instruction:\nWhat is {x}? Put it in \\boxed{}.\n\n### Response: Let's think step by step.")
     assert "\\boxed{}" in load_prompt("chat_math").render(instruction="q")
     with pytest.raises(KeyError):
-        alpaca.render()
+        alpaca.render(instruction="q", question="a field the template lacks")
 
 
 def test_stop_strings_do_not_cut_solutions():

@@ -1,0 +1,83 @@
+"""Stage 1: the LLM regenerates a detailed chain-of-thought for every GSM8K and MATH train question.
+
+A solution is kept only if the `verify` grader finds its final answer equal to the gold answer;
+up to --num_samples attempts per question, each sent only if the ones before failed.
+
+    python gen_cot.py --output_dir runs/gen                      # gpt-4o-mini, $OPENAI_API_KEY
+    python gen_cot.py --base_url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct --limit 50
+
+Writes cot.jsonl (kept: id, source, problem, response, gold, model, prompt_version, attempt),
+cot_failed.jsonl (questions with no correct attempt, with their wrong attempts) and cot.stats.json.
+"""
+import asyncio
+import sys
+from pathlib import Path
+
+from personamath.data import load_any
+from personamath.errors import exit_on_user_error
+from personamath.llm import LLMClient
+from personamath.pipeline import (SOLVE, AsyncGrader, Outcome, print_estimate, run_items, solve, solve_messages,
+                                  stage_parser, write_stage)
+
+DEFAULT_INPUTS = ["data/gsm8k/train.jsonl", "data/math/MATH_train.jsonl"]
+
+
+def parse_args(argv=None):
+    p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--inputs", nargs="+", default=DEFAULT_INPUTS,
+                   help="GSM8K/MATH JSONL files (format detected per file) or `datasets` names NAME[:CONFIG]:SPLIT")
+    p.add_argument("--num_samples", type=int, default=1, help="attempts per question before it goes to reflection")
+    return p.parse_args(argv)
+
+
+def load_questions(inputs, limit):
+    """[(source, Problem)] over all inputs; --limit takes an equal share from each input."""
+    per_input = None if limit is None else -(-limit // len(inputs))
+    questions = []
+    for spec in inputs:
+        task, problems = load_any(spec)
+        questions += [(task, p) for p in problems[:per_input]]
+    return questions[:limit]
+
+
+async def solve_question(llm, grader, source, problem, num_samples):
+    wrong = []
+    for attempt in range(num_samples):
+        response, correct = await solve(llm, grader, source, problem.question, problem.gold, sample=attempt)
+        if correct:
+            return Outcome(attempted=1, kept=[{
+                "id": f"{source}/{problem.id}", "parent_id": None, "source": source, "stage": "cot",
+                "problem": problem.question, "response": response, "gold": problem.gold, "persona": None,
+                "persona_id": None, "level": problem.level, "subject": problem.subject, "model": llm.model,
+                "prompt_version": SOLVE.version, "attempt": attempt}])
+        wrong.append({"attempt": attempt, "response": response})
+    return Outcome(attempted=1, rejected=[{
+        "id": f"{source}/{problem.id}", "source": source, "problem": problem.question, "gold": problem.gold,
+        "level": problem.level, "subject": problem.subject, "model": llm.model,
+        "prompt_version": SOLVE.version, "attempts": wrong}])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    questions = load_questions(args.inputs, args.limit)
+    llm = LLMClient(args, output_dir)
+    if args.dry_run:
+        first = [(solve_messages(p.question), 0) for _, p in questions]
+        print_estimate("gen_cot", llm, first, note=f"; at most {args.num_samples}x that with --num_samples "
+                                                   f"{args.num_samples} (later attempts only for wrong answers)")
+        return 0
+    grader = AsyncGrader(args.grading_timeout)
+    try:
+        result = asyncio.run(run_items(
+            questions, lambda q: solve_question(llm, grader, q[0], q[1], args.num_samples), llm, "gen_cot",
+            item_id=lambda q: f"{q[0]}/{q[1].id}"))
+    finally:
+        grader.close()
+    return write_stage(output_dir, "cot", result, llm, rejected_name="cot_failed",
+                       extra={"num_samples": args.num_samples, "prompt_version": SOLVE.version})
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        sys.exit(main())

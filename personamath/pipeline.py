@@ -1,0 +1,255 @@
+"""What the generation stages share: their command line, the prompts' requests and the parsing of
+their answers, grading off the event loop, and the item loop (progress, budget stop, outputs, stats).
+
+A stage is a function `work(item) -> Outcome` run over all items concurrently. Its outputs are written
+once, at the end, from the outcomes; what makes a killed run cheap is the response cache (llm.py),
+from which a rerun rebuilds every finished item without a request.
+"""
+import argparse
+import asyncio
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import grader
+from .errors import UserError
+from .jsonl import write_json, write_jsonl
+from .llm import BudgetExceeded, LLMClient, LLMError, add_llm_args
+from .prompts import load_prompt
+
+SOLVE, REWRITE, PROPOSE, REFLECT = (load_prompt(n) for n in ("solve", "rewrite_persona", "propose_personas", "reflect"))
+EXIT_BUDGET = 3  # --max_cost reached: outputs hold what finished, a rerun with a higher budget goes on
+EXIT_FAILED_REQUESTS = 4  # some requests failed after every retry: a rerun retries just those
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--output_dir", default="runs/gen", help="stage outputs and the response cache")
+    p.add_argument("--limit", type=int, default=None, help="process at most this many input items")
+    p.add_argument("--grading_timeout", type=float, default=10.0)
+    add_llm_args(p)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# requests and the parsing of their answers
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def solve_messages(problem: str) -> list[dict]:
+    return user(SOLVE.render(problem=problem))
+
+
+def rewrite_messages(problem: str, persona: str) -> list[dict]:
+    return user(REWRITE.render(problem=problem, persona=persona))
+
+
+def propose_messages(problem: str, k: int) -> list[dict]:
+    return user(PROPOSE.render(problem=problem, k=str(k)))
+
+
+def reflect_messages(problem: str, attempt: str) -> list[dict]:
+    return user(REFLECT.render(problem=problem, attempt=attempt))
+
+
+_LABEL = re.compile(r"^\s*(rewritten problem|problem|question)\s*:\s*", re.IGNORECASE)
+_LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
+_CORRECTED = re.compile(r"\**corrected solution\s*:?\**\s*:?", re.IGNORECASE)
+
+
+def parse_rewrite(text: str) -> str | None:
+    """The rewritten problem, without a leading label; None when the model wrote nothing usable."""
+    text = _LABEL.sub("", text.strip()).strip()
+    return text if len(text) >= 10 else None
+
+
+def parse_personas(text: str, k: int) -> list[str]:
+    """Up to k distinct persona lines, list markers removed."""
+    personas = []
+    for line in text.splitlines():
+        line = _LIST_MARK.sub("", line).strip().strip('"')
+        if len(line) >= 10 and line not in personas:
+            personas.append(line)
+    return personas[:k]
+
+
+def split_reflection(text: str) -> tuple[str, str]:
+    """(reflection, corrected solution) of a reflect answer; all of it is the solution without the heading."""
+    parts = _CORRECTED.split(text, maxsplit=1)
+    if len(parts) == 1:
+        return "", text.strip()
+    return parts[0].strip(), parts[1].strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps the stages are made of
+
+
+async def solve(llm: LLMClient, grader: "AsyncGrader", source: str, problem: str, gold: str,
+                sample: int = 0) -> tuple[str, bool]:
+    """A fresh solution (never shown any earlier one) and whether its answer is the gold one."""
+    reply = await llm.chat(solve_messages(problem), sample=sample, kind="solve")
+    return reply.text, reply.finish_reason != "length" and await grader.correct(source, reply.text, gold)
+
+
+async def reflect(llm: LLMClient, grader: "AsyncGrader", source: str, problem: str, gold: str,
+                  wrong: str) -> tuple[str, str, bool]:
+    """The LLM is told its attempt is wrong (never the gold answer): (reflection, corrected solution, correct)."""
+    reply = await llm.chat(reflect_messages(problem, wrong), kind="reflect")
+    reflection, solution = split_reflection(reply.text)
+    return reflection, solution, reply.finish_reason != "length" and await grader.correct(source, solution, gold)
+
+
+async def rewrite(llm: LLMClient, problem: str, persona: str) -> str | None:
+    """The problem as the persona would pose it; None when the answer is unusable."""
+    reply = await llm.chat(rewrite_messages(problem, persona), kind="rewrite")
+    return parse_rewrite(reply.text) if reply.finish_reason != "length" else None
+
+
+async def personas_for(llm: LLMClient, row: dict, pool, k: int, seed: int) -> list:
+    """k personas for one question: drawn from the pool, or proposed by the LLM when there is none."""
+    from .personas import choose, proposed
+
+    if pool is not None:
+        return choose(pool, row["id"], k, seed)
+    reply = await llm.chat(propose_messages(row["problem"], k), kind="propose")
+    return [proposed(text) for text in parse_personas(reply.text, k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# grading, off the event loop
+
+
+class AsyncGrader:
+    """math-verify (the `verify` grader) in worker processes, awaited without blocking other requests."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.pool = grader.grading_pool()
+
+    async def correct(self, task: str, completion: str, gold: str) -> bool:
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from pebble import ProcessExpired
+
+        future = self.pool.schedule(grader.verify_safely, args=(task, completion, gold), timeout=self.timeout)
+        try:
+            return (await asyncio.wrap_future(future)).correct
+        except (FutureTimeout, ProcessExpired):
+            return False
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# the item loop
+
+
+@dataclass
+class Outcome:
+    kept: list[dict] = field(default_factory=list)  # rows for the stage's output
+    rejected: list[dict] = field(default_factory=list)  # what was tried and not kept, with the reason
+    attempted: int = 0  # units of work tried (questions, rewrites)
+
+
+@dataclass
+class StageResult:
+    kept: list[dict]
+    rejected: list[dict]
+    inputs: int
+    attempted: int
+    finished: int  # items done; fewer than inputs when the budget stopped the run
+    failed_ids: list[str]  # items whose requests failed after every retry: not graded, retried by a rerun
+
+
+async def run_items(items: list, work, llm: LLMClient, desc: str, item_id=lambda item: item["id"]) -> StageResult:
+    """Run `work` over every item concurrently (the client bounds requests in flight), in input order."""
+    outcomes: list[Outcome | None] = [None] * len(items)
+    failed_ids = []
+    progress = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True)
+
+    async def one(i, item):
+        try:
+            outcomes[i] = await work(item)
+        except BudgetExceeded:
+            return  # the item stays unfinished; its cached requests are reused by a rerun
+        except LLMError as err:
+            failed_ids.append(item_id(item))
+            outcomes[i] = Outcome()
+            progress.write(f"{desc}: {item_id(item)}: {err}")
+        progress.update()
+        kept = sum(len(o.kept) for o in outcomes if o)
+        progress.set_postfix_str(f"kept {kept}, requests {llm.ledger.requests}, cached {llm.ledger.cache_hits}, "
+                                 f"spend {llm.ledger.spend_text()}", refresh=False)
+
+    try:
+        await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+    finally:
+        progress.close()
+        await llm.aclose()
+    done = [o for o in outcomes if o is not None]
+    return StageResult(kept=[r for o in done for r in o.kept], rejected=[r for o in done for r in o.rejected],
+                       inputs=len(items), attempted=sum(o.attempted for o in done), finished=len(done),
+                       failed_ids=failed_ids)
+
+
+def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient, rejected_name: str,
+                extra: dict | None = None, rows_required: bool = True) -> int:
+    """Write NAME.jsonl, the rejected rows and NAME.stats.json; print the yield; return the exit status."""
+    write_jsonl(output_dir / f"{name}.jsonl", result.kept)
+    write_jsonl(output_dir / f"{rejected_name}.jsonl", result.rejected)
+    complete = result.finished == result.inputs
+    stats = {"stage": name, "inputs": result.inputs, "attempted": result.attempted, "kept": len(result.kept),
+             "yield": len(result.kept) / result.attempted if result.attempted else 0.0,
+             "finished_items": result.finished, "complete": complete,
+             "request_failed_ids": result.failed_ids, "model": llm.model, "ledger": llm.ledger.as_dict(),
+             **(extra or {})}
+    write_json(output_dir / f"{name}.stats.json", stats)
+    print(f"{name}: kept {len(result.kept)} of {result.attempted} attempted ({100 * stats['yield']:.1f}%) "
+          f"from {result.inputs} inputs; requests sent {llm.ledger.requests}, cached {llm.ledger.cache_hits}, "
+          f"failed {llm.ledger.failed}; tokens {llm.ledger.prompt_tokens} in, {llm.ledger.completion_tokens} out; "
+          f"spend {llm.ledger.spend_text()} -> {output_dir / (name + '.jsonl')}")
+    if not complete:
+        print(f"{name}: stopped at --max_cost after {result.finished} of {result.inputs} items; "
+              f"rerun with a higher --max_cost to go on (finished work is cached)", file=sys.stderr)
+        return EXIT_BUDGET
+    if result.failed_ids:
+        print(f"{name}: {len(result.failed_ids)} items failed after every retry (ids in {name}.stats.json); "
+              f"rerun to retry them (finished work is cached)", file=sys.stderr)
+        return EXIT_FAILED_REQUESTS
+    if not result.kept:
+        print(f"{name}: no rows kept; see {output_dir / (rejected_name + '.jsonl')}", file=sys.stderr)
+        return 1 if rows_required else 0
+    return 0
+
+
+def print_estimate(name: str, llm: LLMClient, requests: list, note: str = "") -> None:
+    """--dry_run output: the requests the stage would send and their estimated cost."""
+    est = llm.estimate(requests)
+    cost = "unknown (no price for this model)" if est["cost_usd_est"] is None else f"${est['cost_usd_est']:.2f}"
+    print(f"{name} --dry_run: {est['requests']} requests ({est['cached']} cached, {est['to_send']} to send); "
+          f"~{est['prompt_tokens_est']:,} prompt + ~{est['completion_tokens_est']:,} completion tokens; "
+          f"estimated cost {cost} for {llm.model}{note}")
+
+
+def read_stage_rows(path) -> list[dict]:
+    """Rows of an earlier stage's output, checked for the fields every stage relies on."""
+    from .jsonl import iter_jsonl
+
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        missing = [k for k in ("id", "source", "problem", "gold") if not isinstance(row.get(k), str)]
+        if missing:
+            raise UserError(f"{path}:{lineno}: row lacks {', '.join(missing)}")
+        if row["source"] not in grader.TASKS:
+            raise UserError(f"{path}:{lineno}: unknown source {row['source']!r} (expected gsm8k or math)")
+        rows.append(row)
+    return rows

@@ -1,0 +1,114 @@
+"""Stage 3: the wrongly answered questions get a reflection pass, then K2 persona rewrites.
+
+Phase 1: for each question of cot_failed.jsonl, the LLM is shown its wrong attempt and told it is
+wrong (never the gold answer); it reflects and writes a corrected solution, kept only if correct.
+Phase 2: each corrected question is rewritten --k times through personas; each rewrite is solved,
+and when the answer is wrong the LLM reflects on it; the rewrite is kept if it ends correct.
+
+    python reflection.py --output_dir runs/gen --k 3 --format reflection
+
+--format reflection: the response holds the reflection and the corrected solution;
+--format solution: the corrected solution only.
+Reads OUTPUT_DIR/cot_failed.jsonl (or --input); writes reflection.jsonl, reflection_failed.jsonl,
+reflection_persona.jsonl, reflection_persona_rejected.jsonl and a .stats.json for each phase.
+"""
+import asyncio
+import sys
+from pathlib import Path
+
+from personamath.errors import UserError, exit_on_user_error
+from personamath.llm import LLMClient, Ledger
+from personamath.personas import add_persona_args, persona_pool
+from personamath.pipeline import (REFLECT, REWRITE, SOLVE, AsyncGrader, Outcome, personas_for, print_estimate,
+                                  read_stage_rows, reflect, reflect_messages, rewrite, run_items, solve, stage_parser,
+                                  write_stage)
+
+
+def parse_args(argv=None):
+    p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--input", default=None, help="stage-1 failures (default: OUTPUT_DIR/cot_failed.jsonl)")
+    p.add_argument("--format", choices=["reflection", "solution"], default="reflection",
+                   help="what a reflected row's response holds")
+    add_persona_args(p, k_help="K2: personas (rewrites) per corrected question")
+    return p.parse_args(argv)
+
+
+def reflected_response(reflection: str, solution: str, fmt: str) -> str:
+    if fmt == "solution" or not reflection:
+        return solution
+    return f"Reflection: {reflection}\n\nCorrected solution: {solution}"
+
+
+async def correct_question(llm, grader, row, fmt) -> Outcome:
+    wrong = row["attempts"][-1]["response"]
+    reflection, solution, correct = await reflect(llm, grader, row["source"], row["problem"], row["gold"], wrong)
+    base = {"id": row["id"], "parent_id": None, "source": row["source"], "problem": row["problem"], "gold": row["gold"]}
+    if not correct:
+        return Outcome(attempted=1, rejected=[{**base, "wrong_attempt": wrong, "reflection": reflection,
+                                               "solution": solution, "reason": "still wrong after reflection"}])
+    return Outcome(attempted=1, kept=[{
+        **base, "stage": "reflection", "response": reflected_response(reflection, solution, fmt), "persona": None,
+        "persona_id": None, "level": row.get("level"), "subject": row.get("subject"), "model": llm.model,
+        "prompt_version": REFLECT.version}])
+
+
+async def augment_corrected(llm, grader, row, pool, args) -> Outcome:
+    personas = await personas_for(llm, row, pool, args.k, args.persona_seed)
+
+    async def one(j, persona):
+        base = {"id": f"{row['id']}#p{j}", "parent_id": row["id"], "source": row["source"], "persona": persona.text,
+                "persona_id": persona.id, "gold": row["gold"]}
+        problem = await rewrite(llm, row["problem"], persona.text)
+        if problem is None:
+            return None, {**base, "reason": "unusable rewrite"}
+        response, correct = await solve(llm, grader, row["source"], problem, row["gold"])
+        versions = f"{REWRITE.version}+{SOLVE.version}"
+        if not correct:
+            reflection, solution, correct = await reflect(llm, grader, row["source"], problem, row["gold"], response)
+            if not correct:
+                return None, {**base, "problem": problem, "response": response, "reason": "still wrong after reflection"}
+            response, versions = reflected_response(reflection, solution, args.format), versions + f"+{REFLECT.version}"
+        return {**base, "stage": "reflection_persona", "problem": problem, "response": response,
+                "level": row.get("level"), "subject": row.get("subject"), "model": llm.model,
+                "prompt_version": versions}, None
+
+    results = await asyncio.gather(*(one(j, p) for j, p in enumerate(personas)))
+    return Outcome(attempted=len(personas), kept=[k for k, _ in results if k], rejected=[r for _, r in results if r])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    input_path = args.input or output_dir / "cot_failed.jsonl"
+    failed = read_stage_rows(input_path)[:args.limit]
+    for row in failed:
+        if not row.get("attempts"):
+            raise UserError(f"{input_path}: row {row['id']} has no wrong attempts to reflect on")
+    pool = persona_pool(args)
+    llm = LLMClient(args, output_dir)
+    if args.dry_run:
+        print_estimate("reflection", llm, [(reflect_messages(r["problem"], r["attempts"][-1]["response"]), 0)
+                                           for r in failed],
+                       note=f"; then, for each corrected question, {args.k} x (rewrite + solve [+ reflect])")
+        return 0
+    grader = AsyncGrader(args.grading_timeout)
+    try:
+        corrected = asyncio.run(run_items(failed, lambda row: correct_question(llm, grader, row, args.format),
+                                          llm, "reflection"))
+        status = write_stage(output_dir, "reflection", corrected, llm, rejected_name="reflection_failed",
+                             rows_required=False, extra={"format": args.format, "prompt_version": REFLECT.version})
+        if status != 0 or not corrected.kept:
+            return status
+        llm.ledger = Ledger(model=llm.model, price=llm.ledger.price)  # phase 2 gets its own account
+        augmented = asyncio.run(run_items(corrected.kept, lambda row: augment_corrected(llm, grader, row, pool, args),
+                                          llm, "reflection_persona"))
+    finally:
+        grader.close()
+    return write_stage(output_dir, "reflection_persona", augmented, llm, rejected_name="reflection_persona_rejected",
+                       rows_required=False, extra={"k": args.k, "format": args.format,
+                                                   "prompt_versions": [REWRITE.version, SOLVE.version, REFLECT.version]})
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        sys.exit(main())
