@@ -28,3 +28,12 @@ def vllm_engine(embedded_model):
     llm = make_llm(str(embedded_model))
     yield llm
     llm.llm_engine.engine_core.shutdown()  # now, while pytest still captures the engine's last log lines
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory, embedded_model):
+    """vLLM's OpenAI-compatible server on the embedded model, on a free loopback port, for the session."""
+    from personamath.serve import embedded_server as serve
+
+    with serve(tmp_path_factory.mktemp("server") / "server.json", embedded_model) as info:
+        yield info

@@ -1,0 +1,195 @@
+"""The three generation stages against the fault-injecting fake server over real HTTP: transient faults
+change nothing, a kill -9 costs at most the requests in flight, budgets stop cleanly, keys stay secret."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import DATA, ROOT, run_script
+
+from personamath.data import load_problems
+from personamath.fake_server import FakeServerConfig, start_in_thread
+from personamath.jsonl import read_jsonl, write_jsonl
+
+GSM8K = DATA / "gsm8k" / "train.jsonl"
+MATH = DATA / "math" / "MATH_train.jsonl"
+N_PER_SOURCE = 12
+TRANSIENT = {"429": 0.1, "500": 0.1, "slow": 0.05, "malformed": 0.05, "empty": 0.05}
+# (script, extra flags, files it writes); each stage reads what the one before wrote in the same folder
+STAGES = [
+    ("gen_cot.py", ["--inputs", str(GSM8K), str(MATH), "--limit", str(2 * N_PER_SOURCE), "--num_samples", "2"],
+     ["cot", "cot_failed"]),
+    ("persona_augment.py", ["--k", "2"], ["persona", "persona_rejected"]),
+    ("reflection.py", ["--k", "2"], ["reflection", "reflection_failed", "reflection_persona",
+                                     "reflection_persona_rejected"]),
+]
+
+
+def problems():
+    return load_problems("gsm8k", GSM8K)[:N_PER_SOURCE] + load_problems("math", MATH)[:N_PER_SOURCE]
+
+
+def server(**overrides):
+    return start_in_thread(FakeServerConfig(problems=problems(), **overrides))
+
+
+def flags(srv, out, concurrency=8):
+    return ["--base_url", srv.url, "--model", "fake-llm", "--output_dir", str(out), "--concurrency", str(concurrency),
+            "--timeout", "1.5", "--max_retries", "6"]
+
+
+def run_stage(script, srv, out, extra, env=None, concurrency=8):
+    result = subprocess.run([sys.executable, script, *flags(srv, out, concurrency), *extra], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def outputs(out, names):
+    return {name: read_jsonl(out / f"{name}.jsonl") for name in names}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """All three stages against a well-behaved server: the rows every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    requests = {}
+    with server() as srv:
+        for script, extra, names in STAGES:
+            srv.reset_stats()
+            run_stage(script, srv, out, extra)
+            requests[script] = srv.stats()["requests"]
+    rows = {name: read_jsonl(out / f"{name}.jsonl") for _, _, names in STAGES for name in names}
+    # The fake LLM solves 70% at once and fixes most of the rest by reflection: every kind of row occurs.
+    assert all(rows[name] for name in ("cot", "cot_failed", "persona", "reflection", "reflection_persona"))
+    return out, rows, requests
+
+
+def test_reference_counts_agree(reference):
+    out, rows, requests = reference
+    assert len(rows["cot"]) + len(rows["cot_failed"]) == 2 * N_PER_SOURCE
+    assert len(rows["persona"]) + len(rows["persona_rejected"]) == 2 * len(rows["cot"])
+    assert {r["parent_id"] for r in rows["persona"]} <= {r["id"] for r in rows["cot"]}
+    assert len(rows["reflection"]) + len(rows["reflection_failed"]) == len(rows["cot_failed"])
+    assert len(rows["reflection_persona"]) + len(rows["reflection_persona_rejected"]) == 2 * len(rows["reflection"])
+    for row in rows["reflection"]:
+        assert row["response"].startswith("Reflection: ") and "\\boxed" in row["response"]
+    isco = {r["persona_id"] for r in rows["persona"]}
+    assert all(pid.startswith(("isco-", "everyday-")) for pid in isco)
+
+
+def test_transient_faults_change_nothing(tmp_path, reference):
+    _, expected, _ = reference
+    with server(faults=TRANSIENT, slow_seconds=3) as srv:
+        for script, extra, names in STAGES:
+            run_stage(script, srv, tmp_path, extra)
+            assert outputs(tmp_path, names) == {n: expected[n] for n in names}, script
+        faults = srv.stats()["faults"]
+    assert all(faults[kind] > 0 for kind in TRANSIENT), faults
+
+
+def test_truncated_answers_are_not_kept(tmp_path, reference):
+    _, expected, _ = reference
+    script, extra, names = STAGES[0]
+    with server(faults={"length": 0.2}) as srv:
+        run_stage(script, srv, tmp_path, extra)
+        truncated = {pid for kind, pid in srv.stats()["truncated"] if kind == "solve"}
+    assert truncated
+    kept = {r["id"].split("/", 1)[1] for r in read_jsonl(tmp_path / "cot.jsonl")}
+    reference_kept = {r["id"].split("/", 1)[1] for r in expected["cot"]}
+    # A question is lost only if every one of its attempts was cut; none is gained.
+    assert kept <= reference_kept and reference_kept - kept <= truncated
+    assert len(kept) + len(read_jsonl(tmp_path / "cot_failed.jsonl")) == 2 * N_PER_SOURCE
+
+
+@pytest.mark.parametrize("stage", range(len(STAGES)))
+def test_kill_9_then_rerun(tmp_path, reference, stage):
+    ref_out, expected, ref_requests = reference
+    script, extra, names = STAGES[stage]
+    for _, _, earlier in STAGES[:stage]:  # this stage's inputs, as the earlier stages wrote them
+        for name in earlier:
+            write_jsonl(tmp_path / f"{name}.jsonl", expected[name])
+    concurrency = 4
+    with server(latency=0.15, slots=concurrency) as srv:
+        process = subprocess.Popen([sys.executable, script, *flags(srv, tmp_path, concurrency), *extra], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while srv.stats()["completed"] < ref_requests[script] // 2 and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)  # the stage and its grading workers, mid-run
+        assert process.wait() == -signal.SIGKILL
+        sent_before_kill = srv.stats()["requests"]
+        assert 0 < sent_before_kill < ref_requests[script]
+
+        run_stage(script, srv, tmp_path, extra, concurrency=concurrency)
+        assert outputs(tmp_path, names) == {n: expected[n] for n in names}
+        total = srv.stats()["requests"]
+        assert total - ref_requests[script] <= concurrency  # re-sent: at most what was in flight
+
+        srv.reset_stats()
+        run_stage(script, srv, tmp_path, extra, concurrency=concurrency)
+        assert srv.stats()["requests"] == 0  # a completed rerun sends nothing
+        assert outputs(tmp_path, names) == {n: expected[n] for n in names}
+
+
+def test_dry_run_sends_nothing_and_prices_the_work(tmp_path):
+    with server() as srv:
+        result = run_script("gen_cot.py", *flags(srv, tmp_path), "--model", "gpt-4o-mini", "--inputs", str(GSM8K),
+                            "--limit", "10", "--dry_run")
+        assert srv.stats()["requests"] == 0
+    assert result.returncode == 0, result.stderr
+    assert "10 requests (0 cached, 10 to send)" in result.stdout and "estimated cost $" in result.stdout
+
+
+def test_max_cost_stops_cleanly_and_resumes_without_repaying(tmp_path, reference):
+    _, expected, ref_requests = reference
+    script, extra, names = STAGES[0]
+    with server() as srv:
+        # gpt-4o-mini is priced in configs/prices.json; the fake server answers to any model name.
+        priced = [*flags(srv, tmp_path, concurrency=1), "--model", "gpt-4o-mini", *extra]
+        stopped = subprocess.run([sys.executable, script, *priced, "--max_cost", "0.0002"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300)
+        assert stopped.returncode == 3, stopped.stderr[-2000:]
+        assert "--max_cost" in stopped.stderr
+        partial = read_jsonl(tmp_path / "cot.jsonl") + read_jsonl(tmp_path / "cot_failed.jsonl")
+        sent = srv.stats()["requests"]
+        assert 0 < len(partial) < 2 * N_PER_SOURCE and sent < ref_requests[script]
+
+        finished = subprocess.run([sys.executable, script, *priced], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=300)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        assert srv.stats()["requests"] == ref_requests[script]  # nothing paid twice
+    assert [r["id"] for r in read_jsonl(tmp_path / "cot.jsonl")] == [r["id"] for r in expected["cot"]]
+
+
+def test_api_key_never_written(tmp_path):
+    secret = "sk-test-DO-NOT-LEAK-4242"
+    env = {**os.environ, "OPENAI_API_KEY": secret}
+    with server(faults={"500": 0.3}) as srv:
+        results = [run_stage(script, srv, tmp_path, extra, env=env) for script, extra, _ in STAGES]
+    for result in results:
+        assert secret not in result.stdout + result.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_no_api_key_for_a_remote_server_fails_before_any_work(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    result = subprocess.run([sys.executable, "gen_cot.py", "--output_dir", str(tmp_path / "out"), "--limit", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: OPENAI_API_KEY is not set, and https://api.openai.com/v1 is not a local server"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_stage_input_names_file_and_line(tmp_path):
+    write_jsonl(tmp_path / "cot.jsonl", [{"id": "a", "source": "gsm8k", "problem": "p", "gold": "1"}])
+    with (tmp_path / "cot.jsonl").open("a") as f:
+        f.write('{"id": "b", "source": \n')
+    result = run_script("persona_augment.py", "--output_dir", str(tmp_path), "--base_url", "http://127.0.0.1:9/v1")
+    assert result.returncode == 2
+    assert f"{tmp_path / 'cot.jsonl'}:2: malformed JSON" in result.stderr and "Traceback" not in result.stderr
