@@ -35,7 +35,7 @@ def main() -> None:
 
     workers = args.workers or grader.default_workers()
     print(f"{n} MATH gold solutions; verify with {workers} worker processes (pool start included)")
-    print(f"| grader | seconds | items/s | correct |\n|---|---|---|---|")
+    print("| grader | seconds | items/s | correct |\n|---|---|---|---|")
     for name, seconds, verdicts in (("paper", paper_s, paper), ("verify", verify_s, verify)):
         print(f"| {name} | {seconds:.2f} | {n / seconds:.0f} | {sum(v.correct for v in verdicts) / n:.4f} |")
     print(f"verify takes {verify_s / paper_s:.0f}x the time of paper; "

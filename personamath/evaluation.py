@@ -14,7 +14,7 @@ from pathlib import Path
 from . import grader
 from .data import Problem, load_problems
 from .errors import UserError, exit_on_user_error
-from .jsonl import read_jsonl, write_json, write_jsonl
+from .jsonl import read_jsonl, write_json, write_jsonl, write_text
 from .prompts import load_prompt
 
 # The authors' template ends in "### Response: Let's think step by step."; a model that goes on to
@@ -85,7 +85,7 @@ def run(task: str, args: argparse.Namespace, llm=None) -> dict:
     summary = _summarize(task, rows, graders, args, model, generation, grading_s, time.time() - started)
     write_json(out_dir / "summary.json", summary)
     markdown = render_markdown(summary)
-    (out_dir / "summary.md").write_text(markdown, encoding="utf-8")
+    write_text(out_dir / "summary.md", markdown)
     print(markdown)
     print(f"outputs: {out_dir}")
     return summary

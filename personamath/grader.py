@@ -162,7 +162,10 @@ def verify_safely(task: str, completion: str, gold: str) -> Verdict:
 
 
 def _warm_up_worker() -> None:
-    """Import math-verify (and sympy) when a worker starts, so that no item's timeout pays for it."""
+    """Import math-verify (and sympy) when a worker starts, so that no item's timeout pays for it.
+    Graders run at lower CPU priority: during generation a grading backlog costs nothing, while a
+    request sent late leaves a server slot idle."""
+    os.nice(5)
     from math_verify import parse
 
     parse("$1$")

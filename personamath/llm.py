@@ -63,13 +63,15 @@ def price_of(model: str, base_url: str) -> dict | None:
 
 
 class ResponseCache:
-    """Answers by request hash in SQLite. WAL mode and a commit per answer: a kill loses nothing written."""
+    """Answers by request hash in SQLite, committed one by one. In WAL mode with synchronous=NORMAL a
+    commit survives the process being killed without an fsync each (only a power cut may lose the last)."""
 
     def __init__(self, path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self.db.commit()
 
@@ -139,7 +141,7 @@ class LLMClient:
         self.base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         api_key = os.environ.get("OPENAI_API_KEY")
         if not api_key:
-            if not is_local(self.base_url):
+            if not is_local(self.base_url) and not args.dry_run:
                 raise UserError(f"OPENAI_API_KEY is not set, and {self.base_url} is not a local server")
             api_key = "EMPTY"  # local servers ignore it, the client insists on one
         self.model = args.model
@@ -195,27 +197,29 @@ class LLMClient:
     async def _request(self, client, messages: list[dict], sample: int) -> Reply:
         import openai
 
+        body = {"model": self.model, "messages": messages, "seed": self.seed + sample, **self.params}
         problem = "no attempt"
         for attempt in range(self.max_retries + 1):
             if attempt:
                 await asyncio.sleep(min(0.5 * 2 ** attempt, 8.0))
             try:
-                response = await client.chat.completions.create(model=self.model, messages=messages,
-                                                                 seed=self.seed + sample, **self.params)
-            except (json.JSONDecodeError, openai.APIResponseValidationError) as err:
-                problem = f"malformed response ({type(err).__name__})"
+                # The client's own post(): its retries and backoff, without the typed request transform and
+                # response models of chat.completions.create(), which cost the event loop ~3 ms a request.
+                data = json.loads(await client.post("/chat/completions", body=body, cast_to=str))
+            except json.JSONDecodeError:
+                problem = "malformed JSON in the response"
                 continue  # a broken answer: send again
             except openai.APIError as err:  # the client already retried what is retryable
                 self.ledger.failed += 1
                 raise LLMError(f"{type(err).__name__}: {getattr(err, 'message', err)}") from None
-            if not response.choices or response.choices[0].message.content is None:
+            choices = data.get("choices") if isinstance(data, dict) else None
+            message = choices[0].get("message") or {} if choices else {}
+            if not isinstance(message.get("content"), str):
                 problem = "response without choices"
                 continue
-            usage = response.usage
-            return Reply(text=response.choices[0].message.content,
-                         finish_reason=response.choices[0].finish_reason or "stop",
-                         prompt_tokens=usage.prompt_tokens if usage else 0,
-                         completion_tokens=usage.completion_tokens if usage else 0)
+            usage = data.get("usage") or {}
+            return Reply(text=message["content"], finish_reason=choices[0].get("finish_reason") or "stop",
+                         prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
         self.ledger.failed += 1
         raise LLMError(f"{problem} after {self.max_retries + 1} attempts")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import grader
+from . import grader, parser
 from .errors import UserError
 from .jsonl import write_json, write_jsonl
 from .llm import BudgetExceeded, LLMClient, LLMError, add_llm_args
@@ -134,10 +134,14 @@ class AsyncGrader:
         self.pool = grader.grading_pool()
 
     async def correct(self, task: str, completion: str, gold: str) -> bool:
+        """Whether the completion states a final answer in `\\boxed{}`, as the prompts ask, equal to the gold.
+        Without a box, math-verify would fall back to any number in the text: a lucky match, not a solution."""
         from concurrent.futures import TimeoutError as FutureTimeout
 
         from pebble import ProcessExpired
 
+        if parser.last_boxed_answer(completion) is None:
+            return False
         future = self.pool.schedule(grader.verify_safely, args=(task, completion, gold), timeout=self.timeout)
         try:
             return (await asyncio.wrap_future(future)).correct
@@ -174,9 +178,11 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, item_id=lambda
     """Run `work` over every item concurrently (the client bounds requests in flight), in input order."""
     outcomes: list[Outcome | None] = [None] * len(items)
     failed_ids = []
+    kept = 0
     progress = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True)
 
     async def one(i, item):
+        nonlocal kept
         try:
             outcomes[i] = await work(item)
         except BudgetExceeded:
@@ -185,8 +191,8 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, item_id=lambda
             failed_ids.append(item_id(item))
             outcomes[i] = Outcome()
             progress.write(f"{desc}: {item_id(item)}: {err}")
+        kept += len(outcomes[i].kept)
         progress.update()
-        kept = sum(len(o.kept) for o in outcomes if o)
         progress.set_postfix_str(f"kept {kept}, requests {llm.ledger.requests}, cached {llm.ledger.cache_hits}, "
                                  f"spend {llm.ledger.spend_text()}", refresh=False)
 

@@ -7,7 +7,6 @@ from conftest import DATA, run_script
 from personamath.data import load_problems
 from personamath.errors import UserError
 from personamath.evaluation import ALPACA_STOP
-from personamath.jsonl import read_jsonl
 from personamath.prompts import load_prompt
 
 

@@ -122,3 +122,9 @@ def test_a_timed_out_item_is_graded_wrong_and_the_pool_goes_on():
                                   timeout=0.2, workers=1)
     assert not verdicts[0].correct and "timeout" in verdicts[0].error
     assert verdicts[1].correct and verdicts[2].correct
+
+
+def test_gold_of_unbraced_boxed_train_solutions():
+    assert parser.gold_boxed_answer("so our answer is $\\boxed 2$.") == "2"
+    assert parser.gold_boxed_answer("\\boxed{3} and later \\boxed 4") == "4"  # the last box, as always
+    assert parser.last_boxed_answer("so our answer is $\\boxed 2$.") is None  # the authors' extraction

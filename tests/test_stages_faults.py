@@ -193,3 +193,19 @@ def test_malformed_stage_input_names_file_and_line(tmp_path):
     result = run_script("persona_augment.py", "--output_dir", str(tmp_path), "--base_url", "http://127.0.0.1:9/v1")
     assert result.returncode == 2
     assert f"{tmp_path / 'cot.jsonl'}:2: malformed JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_only_boxed_answers_are_kept():
+    import asyncio
+
+    from personamath.pipeline import AsyncGrader
+
+    async def check(texts):
+        return await asyncio.gather(*(grader.correct("gsm8k", text, "18") for text in texts))
+
+    grader = AsyncGrader(timeout=10)
+    try:
+        texts = ("So she makes 18 dollars.", "So she makes $\\boxed{18}$ dollars.", "\\boxed{17}")
+        assert asyncio.run(check(texts)) == [False, True, False]
+    finally:
+        grader.close()

@@ -1,0 +1,348 @@
+"""The merge behind build_dataset.py: the generation stages' outputs -> the PersonaMathQA training set.
+
+Steps, in this order, each keeping the earlier row in input order:
+1. read every input row and check it has the fields the training set needs;
+2. exact duplicates: the same problem text up to case and whitespace;
+3. near duplicates: Jaccard similarity of the problems' word 5-gram sets at least --near_dup_threshold,
+   found exactly (not estimated) by a prefix-filtered similarity join;
+4. contamination: at least --contamination_threshold of a problem's word --ngram-grams occur in a test set;
+5. a shuffle seeded by --seed.
+
+Outputs (all inside --output_dir): PersonaMathQA.jsonl, removed_duplicates.jsonl,
+removed_contaminated.jsonl, stats.json and stats.md (also printed).
+"""
+import argparse
+import json
+import math
+import random
+import re
+import statistics
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from .data import load_any
+from .errors import UserError, exit_on_user_error
+from .jsonl import iter_jsonl, write_json, write_jsonl, write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TEST_FILES = [ROOT / "data" / "gsm8k" / "test.jsonl", ROOT / "data" / "math" / "MATH_test.jsonl",
+                      ROOT / "data" / "math" / "math500_test.jsonl"]
+STAGES = ("cot", "persona", "reflection", "reflection_persona")
+SOURCES = ("gsm8k", "math")
+# PersonaMathQA.jsonl's columns, in order: what training reads first, then where each row came from.
+OUTPUT_FIELDS = ("problem", "response", "id", "parent_id", "source", "stage", "gold", "persona", "persona_id",
+                 "model", "prompt_version")
+SHINGLE = 5  # words per shingle for near duplicates
+ISCO_SUB_MAJOR_GROUPS = 43  # ISCO-08 has 43 two-digit sub-major groups; the built-in personas are isco-XX-N
+ISCO_ID = re.compile(r"isco-(\d\d)-\d+")
+WORD = re.compile(r"\w+")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Merge the generation stages' outputs into PersonaMathQA: remove exact "
+                                            "and near duplicates and test-set overlap, shuffle, report statistics.")
+    p.add_argument("--inputs", nargs="+", required=True,
+                   help="stage outputs (cot.jsonl, persona.jsonl, ...); a X.stats.json beside X.jsonl gives its yield")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--decontaminate", nargs="+", default=[str(f) for f in DEFAULT_TEST_FILES], metavar="FILE",
+                   help="GSM8K/MATH test files (format detected per file) whose problems must not leak into training "
+                        "(default: data/gsm8k/test.jsonl data/math/MATH_test.jsonl data/math/math500_test.jsonl)")
+    p.add_argument("--ngram", type=int, default=13, help="words per n-gram for decontamination (default 13)")
+    p.add_argument("--contamination_threshold", type=float, default=0.5,
+                   help="a row is contaminated when at least this fraction of its problem's n-grams occur in a "
+                        "test file (default 0.5)")
+    p.add_argument("--near_dup_threshold", type=float, default=0.9,
+                   help=f"a row is a near duplicate of an earlier one when the Jaccard similarity of their word "
+                        f"{SHINGLE}-gram sets is at least this (default 0.9)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the final shuffle (default 42)")
+    p.add_argument("--no_shuffle", action="store_true", help="keep the input order")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the dataset and write every output; return the exit status (1 when no row is kept)."""
+    for name in ("contamination_threshold", "near_dup_threshold"):
+        if not 0 < getattr(args, name) <= 1:
+            raise UserError(f"--{name} must be in (0, 1], got {getattr(args, name)}")
+    if args.ngram < 1:
+        raise UserError(f"--ngram must be at least 1, got {args.ngram}")
+    # Everything that can fail on bad input is read before the first write, so a bad run writes nothing.
+    rows, rows_per_file = read_inputs(args.inputs)
+    yields = read_yields(args.inputs)
+    test_grams = load_test_grams(args.decontaminate, args.ngram)
+
+    kept, exact = remove_exact_duplicates(rows)
+    kept, near = remove_near_duplicates(kept, args.near_dup_threshold)
+    kept, contaminated = remove_contaminated(kept, test_grams, args.ngram, args.contamination_threshold)
+    if not args.no_shuffle:
+        random.Random(args.seed).shuffle(kept)
+    dataset = [{k: row[k] for k in OUTPUT_FIELDS} for row in kept]
+
+    out_dir = Path(args.output_dir)
+    write_jsonl(out_dir / "PersonaMathQA.jsonl", dataset)
+    write_jsonl(out_dir / "removed_duplicates.jsonl", exact + near)
+    write_jsonl(out_dir / "removed_contaminated.jsonl", contaminated)
+    stats = summarize(args, rows_per_file, dataset, exact, near, contaminated, yields)
+    write_json(out_dir / "stats.json", stats)
+    markdown = render_markdown(stats)
+    write_text(out_dir / "stats.md", markdown)
+    print(markdown)
+    print(f"outputs: {out_dir}")
+    if not rows:
+        print(f"no rows kept: the inputs hold no rows ({', '.join(map(str, args.inputs))})", file=sys.stderr)
+        return 1
+    if not dataset:
+        print(f"no rows kept: all {len(rows)} rows read were removed ({len(exact)} exact duplicates, {len(near)} "
+              f"near duplicates, {len(contaminated)} contaminated); see {out_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def read_inputs(paths) -> tuple[list[dict], dict[str, int]]:
+    """All rows of all inputs in order, checked; and the number of rows read from each file."""
+    rows, rows_per_file, seen = [], {}, {}
+    for path in paths:
+        rows_per_file[str(path)] = 0
+        for lineno, row in iter_jsonl(path):
+            where = f"{path}:{lineno}"
+            missing = [k for k in OUTPUT_FIELDS if k not in row]
+            if missing:
+                raise UserError(f"{where}: not a stage output row (missing {', '.join(missing)})")
+            empty = [k for k in ("problem", "response", "id") if not isinstance(row[k], str) or not row[k].strip()]
+            if empty:
+                raise UserError(f"{where}: {', '.join(empty)} must be non-empty text")
+            if row["stage"] not in STAGES:
+                raise UserError(f"{where}: unknown stage {row['stage']!r} (expected one of {', '.join(STAGES)})")
+            if row["source"] not in SOURCES:
+                raise UserError(f"{where}: unknown source {row['source']!r} (expected gsm8k or math)")
+            not_text = [k for k in ("persona", "persona_id") if row[k] is not None and not isinstance(row[k], str)]
+            if not_text:
+                raise UserError(f"{where}: {', '.join(not_text)} must be text or null")
+            # ids are unique within a stage; a repeat means the same output was given twice.
+            key = (row["stage"], row["id"])
+            if key in seen:
+                raise UserError(f"{where}: {row['stage']} id {row['id']!r} already read at {seen[key]}")
+            seen[key] = where
+            rows.append(row)
+            rows_per_file[str(path)] += 1
+    return rows, rows_per_file
+
+
+def read_yields(paths) -> list[dict]:
+    """The yield recorded in X.stats.json beside each input X.jsonl; inputs without one are skipped."""
+    yields = []
+    for path in map(Path, paths):
+        stats_path = path.with_name(path.name.removesuffix(".jsonl") + ".stats.json")
+        if not stats_path.is_file():
+            continue
+        try:
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{stats_path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        if not isinstance(stats, dict):
+            raise UserError(f"{stats_path}: expected a JSON object")
+        yields.append({"file": str(stats_path), **{k: stats.get(k) for k in
+                                                    ("stage", "inputs", "attempted", "kept", "yield", "complete")}})
+    return yields
+
+
+# ----------------------------------------------------------------------------- text
+
+def words(text: str) -> list[str]:
+    """Lowercased word tokens with punctuation dropped: `$x^2+1$?` -> ['x', '2', '1']."""
+    return WORD.findall(text.lower())
+
+
+def ngrams(tokens: list[str], n: int) -> set[str]:
+    """The distinct word n-grams; a text shorter than n words is one gram, the whole text."""
+    if len(tokens) < n:
+        return {" ".join(tokens)} if tokens else set()
+    return {" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+# ----------------------------------------------------------------------------- removal steps
+
+def remove_exact_duplicates(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    first = {}  # normalised problem -> the row kept for it
+    kept, removed = [], []
+    for row in rows:
+        key = " ".join(row["problem"].lower().split())
+        if key in first:
+            removed.append({**row, **_duplicate_of(first[key]), "reason": "exact", "similarity": 1.0})
+        else:
+            first[key] = row
+            kept.append(row)
+    return kept, removed
+
+
+def remove_near_duplicates(rows: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
+    """Drop each row whose shingle set has Jaccard similarity >= threshold with an earlier kept row's.
+
+    Exact, and far from O(n^2), by prefix filtering (Bayardo et al., "Scaling up all pairs similarity
+    search", 2007): sort every set's shingles rarest first; if J(X, Y) >= t then |X & Y| >= ceil(t|X|),
+    so X and Y share a shingle among the first |X| - ceil(t|X|) + 1 of each. Only those prefixes are
+    indexed, and since they hold rare shingles, few earlier rows are ever compared.
+    """
+    sets = [frozenset(ngrams(words(row["problem"]), SHINGLE)) for row in rows]
+    frequency = Counter(s for shingles in sets for s in shingles)
+    index = defaultdict(list)  # shingle -> positions of kept rows with it in their prefix
+    kept, removed = [], []
+    for i, (row, shingles) in enumerate(zip(rows, sets)):
+        rarest_first = sorted(shingles, key=lambda s: (frequency[s], s))
+        # The epsilon keeps float error (0.7 * 10 = 7.000000000000001) from shortening the prefix.
+        prefix = rarest_first[:len(shingles) - math.ceil(threshold * len(shingles) - 1e-9) + 1]
+        best, best_similarity = None, 0.0
+        for j in sorted({j for s in prefix for j in index[s]}):
+            similarity = len(shingles & sets[j]) / len(shingles | sets[j])
+            if similarity >= threshold and similarity > best_similarity:  # the most similar, earliest on ties
+                best, best_similarity = j, similarity
+        if best is None:
+            kept.append(row)
+            for s in prefix:
+                index[s].append(i)
+        else:
+            removed.append({**row, **_duplicate_of(rows[best]), "reason": "near",
+                            "similarity": round(best_similarity, 4)})
+    return kept, removed
+
+
+def _duplicate_of(row: dict) -> dict:
+    # ids are unique only within a stage, so the stage names the kept row too.
+    return {"duplicate_of": row["id"], "duplicate_of_stage": row["stage"]}
+
+
+def load_test_grams(paths, n: int) -> dict[str, set[str]]:
+    """Every test file's problems as one set of word n-grams per file."""
+    grams = {}
+    for path in paths:
+        _, problems = load_any(path)
+        grams[str(path)] = set().union(*(ngrams(words(p.question), n) for p in problems))
+    return grams
+
+
+def remove_contaminated(rows: list[dict], test_grams: dict[str, set[str]], n: int,
+                        threshold: float) -> tuple[list[dict], list[dict]]:
+    """Drop rows with at least `threshold` of their problem's n-grams in the test files' n-grams."""
+    all_test_grams = set().union(*test_grams.values())
+    kept, removed = [], []
+    for row in rows:
+        grams = ngrams(words(row["problem"]), n)
+        matched = [g for g in grams if g in all_test_grams]
+        overlap = len(matched) / len(grams) if grams else 0.0
+        if overlap < threshold:
+            kept.append(row)
+            continue
+        # Name the file holding most of the matched n-grams (the first given, on a tie).
+        by_file = {path: sum(g in file_grams for g in matched) for path, file_grams in test_grams.items()}
+        removed.append({**row, "overlap": round(overlap, 4), "matched_test_file": max(by_file, key=by_file.get)})
+    return kept, removed
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def summarize(args, rows_per_file, dataset, exact, near, contaminated, yields) -> dict:
+    by_stage_source = {stage: {source: 0 for source in SOURCES} for stage in STAGES}
+    for row in dataset:
+        by_stage_source[row["stage"]][row["source"]] += 1
+    return {
+        "rows_read": {"total": sum(rows_per_file.values()), "per_file": rows_per_file},
+        "kept": {"total": len(dataset), "by_stage_source": by_stage_source,
+                 "by_stage": {stage: sum(counts.values()) for stage, counts in by_stage_source.items()},
+                 "by_source": {source: sum(by_stage_source[s][source] for s in STAGES) for source in SOURCES}},
+        "removed": {"exact_duplicates": len(exact), "near_duplicates": len(near), "contaminated": len(contaminated)},
+        "personas": persona_coverage(dataset),
+        "yield": yields,
+        "diversity": {"problem": diversity(row["problem"] for row in dataset),
+                      "response": diversity(row["response"] for row in dataset)},
+        "settings": {"decontaminate": [str(f) for f in args.decontaminate], "ngram": args.ngram,
+                     "contamination_threshold": args.contamination_threshold,
+                     "near_dup_threshold": args.near_dup_threshold, "near_dup_shingle_words": SHINGLE,
+                     "shuffle": not args.no_shuffle, "seed": args.seed},
+    }
+
+
+def persona_coverage(dataset: list[dict]) -> dict:
+    rows_per_persona = Counter(row["persona"] for row in dataset if row["persona"])
+    persona_ids = {row["persona_id"] for row in dataset if row["persona_id"]}
+    isco_groups = sorted({m.group(1) for pid in persona_ids if (m := ISCO_ID.fullmatch(pid))})
+    counts = sorted(rows_per_persona.values())
+    return {
+        "rows_with_persona": sum(counts),
+        "distinct_personas": len(rows_per_persona),
+        "distinct_persona_ids": len(persona_ids),
+        "rows_per_persona": ({"min": counts[0], "median": statistics.median(counts), "max": counts[-1]}
+                             if counts else None),
+        "isco_sub_major_groups": {"covered": len(isco_groups), "of": ISCO_SUB_MAJOR_GROUPS, "codes": isco_groups},
+    }
+
+
+def diversity(texts) -> dict:
+    """The paper's lexical diversity: distinct lowercased words (types), all words (tokens), their ratio."""
+    types, tokens = set(), 0
+    for text in texts:
+        text_words = words(text)
+        types.update(text_words)
+        tokens += len(text_words)
+    return {"types": len(types), "tokens": tokens, "type_token_ratio": len(types) / tokens if tokens else 0.0}
+
+
+def render_markdown(stats: dict) -> str:
+    kept, removed, personas = stats["kept"], stats["removed"], stats["personas"]
+    lines = ["# PersonaMathQA", "",
+             f"Kept {kept['total']} of {stats['rows_read']['total']} rows read; removed {removed['exact_duplicates']} "
+             f"exact duplicates, {removed['near_duplicates']} near duplicates, {removed['contaminated']} contaminated.",
+             "", "## Rows read", "", "| input | rows |", "|---|---:|"]
+    lines += [f"| {path} | {n} |" for path, n in stats["rows_read"]["per_file"].items()]
+
+    lines += ["", "## Rows kept", "", "| stage | " + " | ".join(SOURCES) + " | total |",
+              "|---|" + "---:|" * (len(SOURCES) + 1)]
+    for stage, counts in kept["by_stage_source"].items():
+        lines.append(f"| {stage} | " + " | ".join(str(counts[s]) for s in SOURCES) + f" | {kept['by_stage'][stage]} |")
+    lines.append("| total | " + " | ".join(str(kept["by_source"][s]) for s in SOURCES) + f" | {kept['total']} |")
+
+    lines += ["", "## Removed", "", "| reason | rows |", "|---|---:|",
+              f"| exact duplicate | {removed['exact_duplicates']} |",
+              f"| near duplicate | {removed['near_duplicates']} |",
+              f"| contaminated | {removed['contaminated']} |"]
+
+    lines += ["", "## Yield of the generation stages", ""]
+    if stats["yield"]:
+        lines += ["| stage | inputs | attempted | kept | yield | complete | stats file |",
+                  "|---|---:|---:|---:|---:|---|---|"]
+        lines += [f"| {y['stage']} | {y['inputs']} | {y['attempted']} | {y['kept']} | {_percent(y['yield'])} | "
+                  f"{y['complete']} | {y['file']} |" for y in stats["yield"]]
+    else:
+        lines.append("No X.stats.json beside the inputs.")
+
+    per_persona = personas["rows_per_persona"]
+    isco = personas["isco_sub_major_groups"]
+    lines += ["", "## Personas", "", "| measure | value |", "|---|---:|",
+              f"| rows with a persona | {personas['rows_with_persona']} |",
+              f"| distinct personas | {personas['distinct_personas']} |",
+              f"| distinct persona ids | {personas['distinct_persona_ids']} |",
+              "| rows per persona (min / median / max) | " +
+              (f"{per_persona['min']} / {per_persona['median']:g} / {per_persona['max']} |" if per_persona else "- |"),
+              f"| ISCO-08 sub-major groups covered | {isco['covered']} of {isco['of']} |"]
+
+    lines += ["", "## Diversity (lowercased words)", "", "| text | types | tokens | type-token ratio |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {d['types']} | {d['tokens']} | {d['type_token_ratio']:.4f} |"
+              for name, d in stats["diversity"].items()]
+
+    s = stats["settings"]
+    shuffle = f"shuffled with seed {s['seed']}" if s["shuffle"] else "not shuffled"
+    lines += ["", f"Settings: near duplicates at Jaccard >= {s['near_dup_threshold']} of word "
+                  f"{s['near_dup_shingle_words']}-grams; contaminated at >= {s['contamination_threshold']} of word "
+                  f"{s['ngram']}-grams in {', '.join(s['decontaminate'])}; {shuffle}."]
+    return "\n".join(lines) + "\n"
+
+
+def _percent(fraction) -> str:
+    return f"{100 * fraction:.1f}%" if isinstance(fraction, (int, float)) else "-"
