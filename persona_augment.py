@@ -17,9 +17,9 @@ from pathlib import Path
 from personamath.errors import exit_on_user_error
 from personamath.llm import LLMClient
 from personamath.personas import add_persona_args, persona_pool
-from personamath.pipeline import (REWRITE, SOLVE, AsyncGrader, Outcome, personas_for, print_estimate,
-                                  propose_messages, read_stage_rows, rewrite, rewrite_messages, run_items,
-                                  solve, solve_messages, stage_parser, write_stage)
+from personamath.pipeline import (REWRITE, SOLVE, AsyncGrader, persona_variants, print_estimate, propose_messages,
+                                  read_stage_rows, rewrite_messages, run_items, solve_messages, stage_parser,
+                                  write_stage)
 
 # --dry_run's stand-in for a persona the LLM has not proposed yet: about the length of a real one.
 PLACEHOLDER_PERSONA = "I am a person who works with quantities like these every day and asks about them. " * 2
@@ -30,26 +30,6 @@ def parse_args(argv=None):
     p.add_argument("--input", default=None, help="stage-1 output (default: OUTPUT_DIR/cot.jsonl)")
     add_persona_args(p, k_help="K1: personas (rewrites) per question")
     return p.parse_args(argv)
-
-
-async def augment(llm, grader, row, pool, args) -> Outcome:
-    personas = await personas_for(llm, row, pool, args.k, args.persona_seed)
-
-    async def one(j, persona):
-        base = {"id": f"{row['id']}#p{j}", "parent_id": row["id"], "source": row["source"], "persona": persona.text,
-                "persona_id": persona.id, "gold": row["gold"]}
-        problem = await rewrite(llm, row["problem"], persona.text)
-        if problem is None:
-            return None, {**base, "reason": "unusable rewrite"}
-        response, correct = await solve(llm, grader, row["source"], problem, row["gold"])
-        if not correct:
-            return None, {**base, "problem": problem, "response": response, "reason": "rewrite solved wrong"}
-        return {**base, "stage": "persona", "problem": problem, "response": response, "level": row.get("level"),
-                "subject": row.get("subject"), "model": llm.model,
-                "prompt_version": f"{REWRITE.version}+{SOLVE.version}"}, None
-
-    results = await asyncio.gather(*(one(j, p) for j, p in enumerate(personas)))
-    return Outcome(attempted=len(personas), kept=[k for k, _ in results if k], rejected=[r for _, r in results if r])
 
 
 def dry_run_requests(rows, pool, args) -> list:
@@ -80,7 +60,8 @@ def main(argv=None) -> int:
         return 0
     grader = AsyncGrader(args.grading_timeout)
     try:
-        result = asyncio.run(run_items(rows, lambda row: augment(llm, grader, row, pool, args), llm, "persona_augment"))
+        result = asyncio.run(run_items(rows, lambda row: persona_variants(llm, grader, row, pool, args.k, args.persona_seed,
+                                                                           "persona"), llm, "persona_augment"))
     finally:
         grader.close()
     return write_stage(output_dir, "persona", result, llm, rejected_name="persona_rejected", rows_required=False,

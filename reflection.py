@@ -19,9 +19,8 @@ from pathlib import Path
 from personamath.errors import UserError, exit_on_user_error
 from personamath.llm import LLMClient, Ledger
 from personamath.personas import add_persona_args, persona_pool
-from personamath.pipeline import (REFLECT, REWRITE, SOLVE, AsyncGrader, Outcome, personas_for, print_estimate,
-                                  read_stage_rows, reflect, reflect_messages, rewrite, run_items, solve, stage_parser,
-                                  write_stage)
+from personamath.pipeline import (REFLECT, REWRITE, SOLVE, AsyncGrader, Outcome, persona_variants, print_estimate,
+                                  read_stage_rows, reflect, reflect_messages, run_items, stage_parser, write_stage)
 
 
 def parse_args(argv=None):
@@ -53,27 +52,11 @@ async def correct_question(llm, grader, row, fmt) -> Outcome:
 
 
 async def augment_corrected(llm, grader, row, pool, args) -> Outcome:
-    personas = await personas_for(llm, row, pool, args.k, args.persona_seed)
+    async def fix(problem, wrong):
+        reflection, solution, correct = await reflect(llm, grader, row["source"], problem, row["gold"], wrong)
+        return reflected_response(reflection, solution, args.format), correct
 
-    async def one(j, persona):
-        base = {"id": f"{row['id']}#p{j}", "parent_id": row["id"], "source": row["source"], "persona": persona.text,
-                "persona_id": persona.id, "gold": row["gold"]}
-        problem = await rewrite(llm, row["problem"], persona.text)
-        if problem is None:
-            return None, {**base, "reason": "unusable rewrite"}
-        response, correct = await solve(llm, grader, row["source"], problem, row["gold"])
-        versions = f"{REWRITE.version}+{SOLVE.version}"
-        if not correct:
-            reflection, solution, correct = await reflect(llm, grader, row["source"], problem, row["gold"], response)
-            if not correct:
-                return None, {**base, "problem": problem, "response": response, "reason": "still wrong after reflection"}
-            response, versions = reflected_response(reflection, solution, args.format), versions + f"+{REFLECT.version}"
-        return {**base, "stage": "reflection_persona", "problem": problem, "response": response,
-                "level": row.get("level"), "subject": row.get("subject"), "model": llm.model,
-                "prompt_version": versions}, None
-
-    results = await asyncio.gather(*(one(j, p) for j, p in enumerate(personas)))
-    return Outcome(attempted=len(personas), kept=[k for k, _ in results if k], rejected=[r for _, r in results if r])
+    return await persona_variants(llm, grader, row, pool, args.k, args.persona_seed, "reflection_persona", fix=fix)
 
 
 def main(argv=None) -> int:

@@ -122,6 +122,33 @@ async def personas_for(llm: LLMClient, row: dict, pool, k: int, seed: int) -> li
     return [proposed(text) for text in parse_personas(reply.text, k)]
 
 
+async def persona_variants(llm: LLMClient, grader: "AsyncGrader", row: dict, pool, k: int, seed: int, stage: str,
+                           fix=None) -> "Outcome":
+    """Rewrite one solved question through k personas and solve each rewrite afresh; a rewrite is kept
+    if its answer is the question's gold one. `fix(problem, wrong)` may turn a wrong solution into a
+    correct one, returning (response, correct)."""
+    personas = await personas_for(llm, row, pool, k, seed)
+
+    async def one(j, persona):
+        base = {"id": f"{row['id']}#p{j}", "parent_id": row["id"], "source": row["source"], "persona": persona.text,
+                "persona_id": persona.id, "gold": row["gold"]}
+        problem = await rewrite(llm, row["problem"], persona.text)
+        if problem is None:
+            return None, {**base, "reason": "unusable rewrite"}
+        response, correct = await solve(llm, grader, row["source"], problem, row["gold"])
+        versions = f"{REWRITE.version}+{SOLVE.version}"
+        if not correct and fix is not None:
+            response, correct = await fix(problem, response)
+            versions += f"+{REFLECT.version}"
+        if not correct:
+            return None, {**base, "problem": problem, "response": response, "reason": "rewrite solved wrong"}
+        return {**base, "stage": stage, "problem": problem, "response": response, "level": row.get("level"),
+                "subject": row.get("subject"), "model": llm.model, "prompt_version": versions}, None
+
+    results = await asyncio.gather(*(one(j, p) for j, p in enumerate(personas)))
+    return Outcome(attempted=len(personas), kept=[k for k, _ in results if k], rejected=[r for _, r in results if r])
+
+
 # ---------------------------------------------------------------------------------------------
 # grading, off the event loop
 
