@@ -41,20 +41,16 @@ def load_questions(inputs, limit):
 
 
 async def solve_question(llm, grader, source, problem, num_samples):
+    base = {"id": f"{source}/{problem.id}", "source": source, "problem": problem.question, "gold": problem.gold,
+            "level": problem.level, "subject": problem.subject, "model": llm.model, "prompt_version": SOLVE.version}
     wrong = []
     for attempt in range(num_samples):
         response, correct = await solve(llm, grader, source, problem.question, problem.gold, sample=attempt)
         if correct:
-            return Outcome(attempted=1, kept=[{
-                "id": f"{source}/{problem.id}", "parent_id": None, "source": source, "stage": "cot",
-                "problem": problem.question, "response": response, "gold": problem.gold, "persona": None,
-                "persona_id": None, "level": problem.level, "subject": problem.subject, "model": llm.model,
-                "prompt_version": SOLVE.version, "attempt": attempt}])
+            return Outcome(attempted=1, kept=[{**base, "parent_id": None, "stage": "cot", "response": response,
+                                               "persona": None, "persona_id": None, "attempt": attempt}])
         wrong.append({"attempt": attempt, "response": response})
-    return Outcome(attempted=1, rejected=[{
-        "id": f"{source}/{problem.id}", "source": source, "problem": problem.question, "gold": problem.gold,
-        "level": problem.level, "subject": problem.subject, "model": llm.model,
-        "prompt_version": SOLVE.version, "attempts": wrong}])
+    return Outcome(attempted=1, rejected=[{**base, "attempts": wrong}])
 
 
 def main(argv=None) -> int:

@@ -163,23 +163,14 @@ def _generate(task: str, problems: list[Problem], args, llm) -> tuple[list[dict]
 
 
 def _grade(task: str, rows: list[dict], graders: tuple[str, ...], args) -> None:
-    completions = [r["completion"] for r in rows]
-    golds = [r["gold"] for r in rows]
-    verdicts = {}
-    if "paper" in graders:
-        verdicts["paper"] = [grader.paper_grade_safe(task, c, g) for c, g in zip(completions, golds)]
-    if "verify" in graders:
-        verdicts["verify"] = grader.verify_many(task, completions, golds, timeout=args.grading_timeout,
-                                                workers=args.grading_workers)
-    for i, row in enumerate(rows):
-        errors = {}
+    verdicts = grader.grade_many(task, [r["completion"] for r in rows], [r["gold"] for r in rows], graders,
+                                 timeout=args.grading_timeout, workers=args.grading_workers)
+    for row, by_grader in zip(rows, verdicts):
         for name in grader.GRADERS:
-            verdict = verdicts[name][i] if name in verdicts else None
+            verdict = by_grader.get(name)
             row[f"{name}_extracted"] = verdict.extracted if verdict else None
             row[f"{name}_correct"] = verdict.correct if verdict else None
-            if verdict and verdict.error:
-                errors[name] = verdict.error
-        row["grading_errors"] = errors or None
+        row["grading_errors"] = {name: v.error for name, v in by_grader.items() if v.error} or None
 
 
 def _accuracy_table(rows: list[dict], graders) -> dict:

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from .data import Problem, load_any, load_problems
 from .errors import exit_on_user_error
-from .prompts import _PLACEHOLDER, load_prompt
+from .prompts import PLACEHOLDER, load_prompt
 
 TEMPLATES = {"solve": "solve", "rewrite": "rewrite_persona", "propose": "propose_personas", "reflect": "reflect"}
 TRANSIENT_FAULTS = ("429", "500", "slow", "malformed", "empty")  # a body is given the first that selects it
@@ -66,7 +66,7 @@ class _Template:
     def __init__(self, kind: str):
         self.kind = kind
         self.text = load_prompt(TEMPLATES[kind]).text
-        self.parts = _PLACEHOLDER.split(self.text)
+        self.parts = PLACEHOLDER.split(self.text)
         self.marker = ""  # the first fixed line found in no other template, set by Brain
 
     def fixed_lines(self) -> list[str]:

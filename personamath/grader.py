@@ -208,11 +208,16 @@ def verify_many(task: str, completions: list[str], golds: list[str], timeout: fl
     return verdicts
 
 
-def grade_many(task: str, completions: list[str], golds: list[str], timeout: float = 10.0,
+def grade_many(task: str, completions: list[str], golds: list[str], graders=GRADERS, timeout: float = 10.0,
                workers: int | None = None) -> list[dict[str, Verdict]]:
-    """Both graders' verdicts for every item: [{"paper": Verdict, "verify": Verdict}, ...]."""
+    """The chosen graders' verdicts for every item: [{"paper": Verdict, "verify": Verdict}, ...]."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
-    verified = verify_many(task, completions, golds, timeout=timeout, workers=workers)
-    return [{"paper": paper_grade_safe(task, c, g), "verify": v}
-            for c, g, v in zip(completions, golds, verified, strict=True)]
+    verdicts = [{} for _ in completions]
+    if "paper" in graders:
+        for verdict, c, g in zip(verdicts, completions, golds, strict=True):
+            verdict["paper"] = paper_grade_safe(task, c, g)
+    if "verify" in graders:
+        for verdict, v in zip(verdicts, verify_many(task, completions, golds, timeout=timeout, workers=workers)):
+            verdict["verify"] = v
+    return verdicts

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import grader, parser
 from .errors import UserError
-from .jsonl import write_json, write_jsonl
+from .jsonl import iter_jsonl, write_json, write_jsonl
 from .llm import BudgetExceeded, LLMClient, LLMError, add_llm_args
 from .prompts import load_prompt
 
@@ -275,8 +275,6 @@ def print_estimate(name: str, llm: LLMClient, requests: list, note: str = "") ->
 
 def read_stage_rows(path) -> list[dict]:
     """Rows of an earlier stage's output, checked for the fields every stage relies on."""
-    from .jsonl import iter_jsonl
-
     rows = []
     for lineno, row in iter_jsonl(path):
         missing = [k for k in ("id", "source", "problem", "gold") if not isinstance(row.get(k), str)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,10 @@ class Prompt:
 
     def render(self, **fields: str) -> str:
         # Checked this way round because templates also hold literal braces such as `\\boxed{answer}`.
-        unused = set(fields) - set(_PLACEHOLDER.findall(self.text))
+        unused = set(fields) - set(PLACEHOLDER.findall(self.text))
         if unused:
             raise KeyError(f"prompt {self.version} has no placeholder for {sorted(unused)}")
-        return _PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), self.text)
+        return PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), self.text)
 
 
 def load_prompt(name: str, version: int | None = None) -> Prompt:
