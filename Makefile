@@ -24,3 +24,5 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_grading.py
+	$(PY) bench/bench_generation.py
+	$(PY) bench/bench_train.py

@@ -8,6 +8,7 @@
 | math  | original     | `problem`     | last `\\boxed{}` of `solution`      |
 | math  | authors'     | `instruction` | last `\\boxed{}` of `output`        |
 """
+import json
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
@@ -63,8 +64,12 @@ def _detect(task: str, path, lineno: int, record: dict) -> _Format:
     raise FormatMismatch(f"{path}:{lineno}: not a {task} record: has keys {sorted(record)}, expected {expected}")
 
 
-def _records(source):
-    """(line number, record) of a JSONL file, or of a `datasets` dataset named `name[:config]:split`."""
+def records(source):
+    """(line number, record) of a JSONL file, a JSON file holding a list of objects (the authors'
+    PersonaMathQA.json; numbered by position), or a `datasets` dataset named `name[:config]:split`."""
+    if Path(source).is_file() and Path(source).suffix == ".json":
+        yield from _json_list(Path(source))
+        return
     if Path(source).is_file() or ":" not in str(source):
         yield from iter_jsonl(source)
         return
@@ -78,6 +83,21 @@ def _records(source):
     yield from enumerate(dataset, start=1)
 
 
+def _json_list(path: Path):
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):  # a JSONL file named .json
+        yield from iter_jsonl(path)
+        return
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    for index, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise UserError(f"{path}: item {index} is not a JSON object")
+        yield index, item
+
+
 def _level(record: dict) -> str | None:
     level = record.get("level")
     if level is None:
@@ -88,7 +108,7 @@ def _level(record: dict) -> str | None:
 def load_problems(task: str, path) -> list[Problem]:
     """All records of a JSONL file (or `datasets` name) as Problems; the format is detected from the first."""
     problems, fmt = [], None
-    for lineno, record in _records(path):
+    for lineno, record in records(path):
         fmt = fmt or _detect(task, path, lineno, record)
         question = record.get(fmt.question_key)
         if not isinstance(question, str) or not question.strip():

@@ -15,7 +15,7 @@ from . import grader
 from .data import Problem, load_problems
 from .errors import UserError, exit_on_user_error
 from .jsonl import read_jsonl, write_json, write_jsonl, write_text
-from .prompts import load_prompt
+from .prompts import load_prompt, model_input
 
 # The authors' template ends in "### Response: Let's think step by step."; a model that goes on to
 # invent the next example starts one of these. The authors also stopped at bare words such as
@@ -124,15 +124,11 @@ def _generate(task: str, problems: list[Problem], args, llm) -> tuple[list[dict]
     llm = llm or make_llm(args.model, args.tensor_parallel_size, args.batch_size, args.seed)
     tokenizer = llm.get_tokenizer()
     prompt = load_prompt(PROMPTS[args.prompt])
-    if args.prompt == "alpaca":
-        texts = [prompt.render(instruction=p.question) for p in problems]
-        token_ids = [tokenizer(t).input_ids for t in texts]
-        stop = ALPACA_STOP
-    else:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt.render(instruction=p.question)}],
-                                               tokenize=False, add_generation_prompt=True) for p in problems]
-        token_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]  # template has BOS
-        stop = []
+    chat = args.prompt == "chat"
+    inputs = [model_input(prompt, p.question, tokenizer, chat) for p in problems]
+    texts = [text for text, _ in inputs]
+    token_ids = [tokenizer(text, add_special_tokens=special).input_ids for text, special in inputs]
+    stop = [] if chat else ALPACA_STOP
     context = llm.llm_engine.model_config.max_model_len
     for problem, ids in zip(problems, token_ids):
         if len(ids) >= context:

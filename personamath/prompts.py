@@ -3,6 +3,7 @@
 A template's `{field}` placeholders are filled in one pass, so other braces (`\\boxed{answer}`) and
 braces inside the filled-in values are left alone.
 """
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ class Prompt:
         return PLACEHOLDER.sub(lambda m: fields.get(m.group(1), m.group(0)), self.text)
 
 
+@functools.cache  # read once: training renders a prompt per example
 def load_prompt(name: str, version: int | None = None) -> Prompt:
     """The given version of a template, or its newest."""
     versions = sorted(int(p.name.split(".v")[-1][:-4]) for p in PROMPT_DIR.glob(f"{name}.v*.txt"))
@@ -33,3 +35,15 @@ def load_prompt(name: str, version: int | None = None) -> Prompt:
     version = versions[-1] if version is None else version
     path = PROMPT_DIR / f"{name}.v{version}.txt"
     return Prompt(name=name, version=f"{name}.v{version}", text=path.read_text(encoding="utf-8"))
+
+
+def model_input(prompt: Prompt, question: str, tokenizer, chat: bool) -> tuple[str, bool]:
+    """The text a model sees for `question`, and whether the tokenizer should add its special tokens.
+
+    With `chat`, the rendered prompt becomes the user turn of the tokenizer's chat template, whose text
+    already holds the BOS token (so none is added); otherwise the tokenizer adds its own (LLaMA's BOS)."""
+    text = prompt.render(instruction=question)
+    if not chat:
+        return text, True
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True), False

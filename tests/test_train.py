@@ -1,0 +1,236 @@
+"""train.py: exact prompt masking, padding-free packing, and real DeepSpeed runs on the CPU through the
+launch scripts (ZeRO-2 and ZeRO-3, 1 and 2 ranks) with save, reload and resume."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA, ROOT, run_script
+from personamath import sft
+from personamath.jsonl import read_jsonl, write_jsonl
+
+STEPS = 10
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model)
+
+
+@pytest.fixture(scope="session")
+def real_rows():
+    """PersonaMathQA-shaped rows from real GSM8K and MATH solutions."""
+    gsm8k = [{"problem": r["question"], "response": r["answer"]} for r in read_jsonl(DATA / "gsm8k/train.jsonl")[:40]]
+    math = [{"problem": r["problem"], "response": r["solution"]} for r in read_jsonl(DATA / "math/MATH_train.jsonl")[:40]]
+    return gsm8k + math
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, embedded_model):
+    from personamath.tiny_model import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir=embedded_model)
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory, real_rows):
+    path = tmp_path_factory.mktemp("data") / "PersonaMathQA.jsonl"
+    write_jsonl(path, real_rows[:32] + real_rows[40:72])
+    return path
+
+
+@pytest.mark.parametrize("template", sorted(sft.TEMPLATES))
+def test_unmasked_tokens_are_exactly_the_response_and_eos(tokenizer, real_rows, template):
+    for row in real_rows:
+        example = sft.tokenize_example(row["problem"], row["response"], tokenizer, template, max_length=4096)
+        ids, labels = example["input_ids"], example["labels"]
+        trained = [token for token, label in zip(ids, labels) if label != sft.IGNORE_INDEX]
+        assert trained == [label for label in labels if label != sft.IGNORE_INDEX]
+        assert tokenizer.decode(trained) == row["response"] + tokenizer.eos_token
+        masked = ids[:len(ids) - len(trained)]
+        assert labels[:len(masked)] == [sft.IGNORE_INDEX] * len(masked)  # the mask is one prefix
+        assert not example["straddled"] and not example["truncated"]
+        # The ids are the joint tokenization the model will read, not two tokenizations glued together.
+        prompt_name, chat = sft.TEMPLATES[template]
+        from personamath.prompts import load_prompt, model_input
+        prompt, special = model_input(load_prompt(prompt_name), row["problem"], tokenizer, chat)
+        assert ids == tokenizer(prompt + row["response"], add_special_tokens=special).input_ids + [tokenizer.eos_token_id]
+        assert tokenizer.decode(masked) == prompt
+
+
+def test_boundary_token_shared_with_the_prompt_is_trained_and_counted(tokenizer):
+    # "### Response:" + ":=" tokenizes with ":" and ":=" merged; the shared token is trained and counted.
+    example = sft.tokenize_example("Define x.", ":= 3 is the definition.", tokenizer, "alpaca", max_length=4096)
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != sft.IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "::= 3 is the definition." + tokenizer.eos_token
+    assert example["straddled"]
+
+
+def test_truncation_is_counted_and_rows_without_response_tokens_are_reported(tokenizer, real_rows, tmp_path):
+    rows = real_rows[:4]
+    dataset = sft.tokenized_dataset(rows, tokenizer, "alpaca", max_length=64, cache_dir=tmp_path)
+    stats = sft.data_stats(dataset)
+    assert stats["examples"] == 4 and stats["max_length"] == 64
+    assert stats["truncated"] == sum(len(sft.tokenize_example(r["problem"], r["response"], tokenizer, "alpaca",
+                                                              4096)["input_ids"]) > 64 for r in rows) > 0
+    tiny = sft.data_stats(sft.tokenized_dataset(rows, tokenizer, "alpaca", max_length=8, cache_dir=tmp_path))
+    assert tiny["dropped_no_response_tokens"] == 4
+    # Tokenized once: a second call reads the cache file instead of writing it again.
+    [cache] = tmp_path.glob("sft-alpaca-64-*.arrow")
+    written = cache.stat().st_mtime_ns
+    assert sft.tokenized_dataset(rows, tokenizer, "alpaca", max_length=64, cache_dir=tmp_path)["length"] == dataset["length"]
+    assert cache.stat().st_mtime_ns == written
+
+
+def test_pad_token_never_grows_the_vocabulary(embedded_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    size = len(tokenizer)
+    assert "own" in sft.choose_pad_token(tokenizer) and tokenizer.pad_token == "<|im_end|>"
+    tokenizer.pad_token = None  # as LLaMA-2 and LLaMA-3 ship: no pad token
+    assert "unused" in sft.choose_pad_token(tokenizer)
+    assert tokenizer.pad_token == tokenizer.unk_token and len(tokenizer) == size
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "sdpa_packed"])
+def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, real_rows, attention):
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+
+    import personamath.packed_attention  # noqa: F401 - registers sdpa_packed, which train.py uses with --packing
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
+    examples = [sft.tokenize_example(r["problem"], r["response"], tokenizer, "alpaca", 4096) for r in real_rows[:3]]
+    batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=sft.IGNORE_INDEX)(
+        [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    assert batch["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))  # no padding
+    with torch.no_grad():
+        # As in training: no KV cache (with one, transformers does not look for packed sequences).
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples])
+    assert torch.allclose(packed, alone, atol=1e-4)
+
+
+def test_bad_data_line_is_named_and_nothing_is_trained(tiny_model, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"problem": "1+1?", "response": "2"}\n{"problem": "2+2?"}\n')
+    result = run_script("train.py", "--model_name_or_path", str(tiny_model), "--data_path", str(data),
+                        "--output_dir", str(tmp_path / "out"), "--use_cpu", "True", timeout=300)
+    assert result.returncode == 2
+    assert f"error: {data}:2: record has no response" in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(zero: int, ranks: int, model, data, out: Path, *extra: str, timeout: float = 600):
+    """run_zero{2,3}.sh as a user runs it, on `ranks` CPU ranks."""
+    env = {**os.environ, "MODEL_PATH": str(model), "DATA_PATH": str(data), "OUTPUT_DIR": str(out),
+           "NUM_GPUS": str(ranks), "MASTER_PORT": str(_free_port()), "PER_DEVICE_BATCH_SIZE": "4",
+           "GRAD_ACCUM": "1", "MAX_LENGTH": "256", "SAVE_STEPS": "5",
+           "DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("OMP_NUM_THREADS", None)
+    result = subprocess.run(["bash", f"run_zero{zero}.sh", *extra], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def losses(out: Path) -> dict[int, float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def logits(model_dir, state_dict=None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[1, 50, 300, 7000, 12, 4095]])).logits
+
+
+@pytest.fixture(scope="session")
+def zero3_two_ranks(tmp_path_factory, tiny_model, train_file):
+    out = tmp_path_factory.mktemp("zero3x2") / "out"
+    launch(3, 2, tiny_model, train_file, out, "--max_steps", str(STEPS), "--learning_rate", "1e-3")
+    return out
+
+
+@pytest.mark.parametrize("zero,ranks", [(2, 1), (2, 2), (3, 1), (3, 2)])
+def test_training_lowers_loss_and_saves_the_trained_weights(zero, ranks, tmp_path, tiny_model, train_file,
+                                                            zero3_two_ranks):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = zero3_two_ranks if (zero, ranks) == (3, 2) else tmp_path / "out"
+    if out != zero3_two_ranks:
+        launch(zero, ranks, tiny_model, train_file, out, "--max_steps", str(STEPS), "--learning_rate", "1e-3",
+               "--packing", "False" if ranks == 1 else "True")
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert sum(curve[s] for s in (8, 9, 10)) < sum(curve[s] for s in (1, 2, 3)) - 0.3
+    epoch = json.loads((out / "trainer_state.json").read_text())["log_history"][0]["epoch"]
+    assert epoch == pytest.approx(4 * ranks / 64)  # every rank took its own 4 of the 64 examples
+    stats = json.loads((out / "train_data_stats.json").read_text())
+    assert stats["examples"] == 64 and stats["truncated"] > 0
+    # The consolidated model reloads in this (fresh) process with the weights DeepSpeed trained: the
+    # fp32 master weights rebuilt from the last checkpoint's partitions give the same logits.
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(out / f"checkpoint-{STEPS}"))
+    assert torch.equal(logits(out), logits(tiny_model, trained))
+    assert not torch.allclose(logits(out), logits(tiny_model), atol=1e-3)
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, tiny_model, train_file, zero3_two_ranks):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(zero3_two_ranks / "checkpoint-5", out / "checkpoint-5")
+    result = launch(3, 2, tiny_model, train_file, out, "--max_steps", str(STEPS), "--learning_rate", "1e-3",
+                    "--resume_from_checkpoint", str(out / "checkpoint-5"), "--log_level", "info")
+    assert "Resuming training from checkpoint with epoch 0 and global step 5" in result.stdout + result.stderr
+    resumed, straight = losses(out), losses(zero3_two_ranks)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # steps 1-5 restored from the checkpoint's state
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+    assert torch.allclose(logits(out), logits(zero3_two_ranks), atol=1e-5)
+
+
+def test_vllm_loads_the_trained_model_with_its_logits(zero3_two_ranks):
+    """vLLM's log-probabilities of a prompt under the saved model equal the HF model's."""
+    script = (
+        "import json, sys\n"
+        "from vllm import LLM, SamplingParams\n"
+        "from personamath.inference import cpu_engine_settings, on_cpu\n"
+        "llm = LLM(model=sys.argv[1], dtype='float32', max_model_len=64, seed=0,"
+        " **(cpu_engine_settings() if on_cpu() else {}))\n"
+        "out = llm.generate([{'prompt_token_ids': [1, 50, 300, 7000, 12, 4095]}],"
+        " SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0))\n"
+        "print('LOGPROBS', json.dumps([next(iter(d.values())).logprob for d in out[0].prompt_logprobs[1:]]))\n")
+    result = run_script("-c", script, str(zero3_two_ranks), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("LOGPROBS ")]
+    vllm_logprobs = json.loads(line.removeprefix("LOGPROBS "))
+    ids = [1, 50, 300, 7000, 12, 4095]
+    hf = torch.log_softmax(logits(zero3_two_ranks)[0], -1)
+    expected = [hf[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert vllm_logprobs == pytest.approx(expected, abs=1e-3)
+
+
+def test_embedded_model_trains_under_zero2(tmp_path, embedded_model, train_file):
+    out = tmp_path / "out"
+    launch(2, 1, embedded_model, train_file, out, "--max_steps", "3", "--per_device_train_batch_size", "2",
+           "--save_strategy", "no", "--learning_rate", "1e-4")
+    assert len(losses(out)) == 3
+    assert not torch.equal(logits(out), logits(embedded_model))
