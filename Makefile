@@ -1,12 +1,10 @@
 # The two commands of the README: `make run` (the main job on the embedded model) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EMBEDDED := .cache/models/SmolLM2-135M-Instruct
-# Slice sizes of the main job; raise them for a longer, less noisy run. MATH-500 is used for the
-# MATH slice because its order mixes subjects and levels (MATH_test.jsonl is sorted by subject).
-N_GSM8K ?= 16
-N_MATH ?= 16
-MAX_TOKENS ?= 512
+# The main job: the whole chain on the embedded model (chain.py; everything under runs/$(NAME)/).
+# Sizes are chain.py flags, e.g. make run CHAIN_ARGS="--n_gsm8k 200 --n_math 200 --eval_gsm8k 100".
+NAME ?= embedded
+CHAIN_ARGS ?=
 
 .PHONY: setup run test bench
 
@@ -14,10 +12,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	$(PY) eval_gsm8k.py --model $(EMBEDDED) --data_file data/GSM8K_test.jsonl --limit $(N_GSM8K) \
-		--max_tokens $(MAX_TOKENS) --output_dir runs/embedded/eval_gsm8k
-	$(PY) eval_math.py --model $(EMBEDDED) --data_file data/math/math500_test.jsonl --limit $(N_MATH) \
-		--max_tokens $(MAX_TOKENS) --output_dir runs/embedded/eval_math
+	$(PY) chain.py --name $(NAME) $(CHAIN_ARGS)
 
 test: setup
 	$(PY) -m pytest tests

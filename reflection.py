@@ -80,8 +80,9 @@ def main(argv=None) -> int:
                                           llm, "reflection"))
         status = write_stage(output_dir, "reflection", corrected, llm, rejected_name="reflection_failed",
                              rows_required=False, extra={"format": args.format, "prompt_version": REFLECT.version})
-        if status != 0 or not corrected.kept:
+        if status != 0:
             return status
+        # Phase 2 runs even over no corrected question, so that all four outputs always exist.
         llm.ledger = Ledger(model=llm.model, price=llm.ledger.price)  # phase 2 gets its own account
         augmented = asyncio.run(run_items(corrected.kept, lambda row: augment_corrected(llm, grader, row, pool, args),
                                           llm, "reflection_persona"))

@@ -1,0 +1,207 @@
+"""The whole PersonaMath chain in one command, each stage run as its own script, as a user runs it:
+
+    slice GSM8K + MATH train -> [start the LLM server] -> gen_cot -> persona_augment -> reflection
+    -> build_dataset -> [stop the server] -> train (run_zero2.sh) -> eval_gsm8k / eval_math of the base
+    and the trained model -> report.py
+
+Everything goes under runs/NAME/ (logs/ holds each step's output). A step that finished is marked
+done and skipped on a rerun, so after a failure the same command resumes where it stopped. Sizes are
+flags: the defaults fit the embedded SmolLM2-135M on a 2-core CPU; the same command scales up, and
+--llm_url points the generation stages at any OpenAI-compatible server instead of the embedded one.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from personamath.data import records
+from personamath.embedded_model import DEFAULT_DIR as EMBEDDED_MODEL
+from personamath.errors import UserError, exit_on_user_error
+from personamath.jsonl import write_jsonl
+
+ROOT = Path(__file__).resolve().parent
+TRAIN_FILES = {"gsm8k": ROOT / "data/gsm8k/train.jsonl", "math": ROOT / "data/math/MATH_train.jsonl"}
+TEST_FILES = {"gsm8k": ROOT / "data/GSM8K_test.jsonl", "math": ROOT / "data/math/math500_test.jsonl"}
+GEN_OUTPUTS = ["cot", "persona", "reflection", "reflection_persona"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="embedded", help="run folder: RUNS_DIR/NAME")
+    p.add_argument("--runs_dir", type=Path, default=ROOT / "runs")
+    g = p.add_argument_group("generation")
+    g.add_argument("--n_gsm8k", type=int, default=8, help="GSM8K train questions in the slice")
+    g.add_argument("--n_math", type=int, default=32, help="MATH train questions in the slice")
+    g.add_argument("--slice", choices=["easy", "first"], default="easy",
+                   help="easy: the questions with the shortest reference solutions (GSM8K: fewest steps; MATH: "
+                        "level 1), where a small model has a chance; first: the files' first questions")
+    g.add_argument("--num_samples", type=int, default=3, help="gen_cot attempts per question")
+    g.add_argument("--k1", type=int, default=2, help="persona rewrites per solved question")
+    g.add_argument("--k2", type=int, default=2, help="persona rewrites per question corrected by reflection")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--max_tokens", type=int, default=256, help="per generation request")
+    g.add_argument("--concurrency", type=int, default=16)
+    g.add_argument("--llm_url", default=None, help="an OpenAI-compatible server to use instead of starting the "
+                                                   "embedded one (the key, if any, from $OPENAI_API_KEY)")
+    g.add_argument("--llm_model", default=None, help="model name at --llm_url")
+    t = p.add_argument_group("training and evaluation")
+    t.add_argument("--base_model", default=str(EMBEDDED_MODEL), help="model to fine-tune and evaluate")
+    t.add_argument("--ranks", type=int, default=1, help="DeepSpeed ranks (CPU ranks without a GPU)")
+    t.add_argument("--epochs", type=float, default=3)
+    t.add_argument("--batch_size", type=int, default=4, help="per rank")
+    t.add_argument("--lr", type=float, default=2e-5)
+    t.add_argument("--train_args", default="", help="more train.py arguments, e.g. '--max_steps 2'")
+    t.add_argument("--eval_gsm8k", type=int, default=12, help="GSM8K test items")
+    t.add_argument("--eval_math", type=int, default=12, help="MATH-500 test items")
+    t.add_argument("--eval_max_tokens", type=int, default=320)
+    return p.parse_args(argv)
+
+
+class Chain:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.run_dir = args.runs_dir.resolve() / args.name
+        self.logs = self.run_dir / "logs"
+        self.done_dir = self.run_dir / ".done"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.done_dir.mkdir(exist_ok=True)
+        self.server_state = self.run_dir / "server.json"
+        self.llm = None  # (url, model) once a server is up
+
+    def step(self, name: str, command: list[str], env: dict | None = None, ok_codes=(0,)) -> None:
+        """Run one step unless it is done; its output goes to logs/NAME.log."""
+        if (self.done_dir / name).exists():
+            print(f"[chain] {name}: done before, skipped")
+            return
+        log = self.logs / f"{name}.log"
+        print(f"[chain] {name}: running (log: {log})", flush=True)
+        started = time.time()
+        with log.open("w") as out:
+            out.write("$ " + " ".join(command) + "\n")
+            out.flush()
+            code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})}).returncode
+        if code not in ok_codes:
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+            raise UserError(f"step {name} failed (exit {code}) after {time.time() - started:.0f} s; the last lines "
+                            f"of {log}:\n{tail}\nEverything finished so far is kept under {self.run_dir}; "
+                            f"fix the cause and run the same command again to resume from {name}.")
+        (self.done_dir / name).write_text(f"{time.time() - started:.1f}\n")
+        print(f"[chain] {name}: done in {time.time() - started:.0f} s", flush=True)
+
+    def py(self, script: str, *args) -> list[str]:
+        return [sys.executable, script, *map(str, args)]
+
+    # --- generation -----------------------------------------------------------------------------
+    def write_slices(self) -> list[Path]:
+        slices = []
+        for task, count in (("gsm8k", self.args.n_gsm8k), ("math", self.args.n_math)):
+            if count <= 0:
+                continue
+            rows = [record for _, record in records(TRAIN_FILES[task])]
+            if self.args.slice == "easy":
+                rows = easiest(task, rows)
+            path = self.run_dir / "inputs" / f"{task}_train_slice.jsonl"
+            write_jsonl(path, rows[:count])
+            slices.append(path)
+        if not slices:
+            raise UserError("--n_gsm8k and --n_math are both 0: nothing to generate from")
+        return slices
+
+    def llm_args(self) -> list[str]:
+        url, model = self.llm
+        a = self.args
+        return ["--base_url", url, "--model", model, "--temperature", a.temperature, "--max_tokens", a.max_tokens,
+                "--concurrency", a.concurrency]
+
+    def generate(self) -> None:
+        gen = self.run_dir / "gen"
+        slices = self.write_slices()
+        if not all((self.done_dir / s).exists() for s in ("gen_cot", "persona_augment", "reflection")):
+            self.start_llm()
+            try:
+                # gen_cot exits 1 when it keeps nothing; the chain goes on and judges the dataset as a
+                # whole (a question gen_cot misses may still be corrected by reflection).
+                self.step("gen_cot", self.py("gen_cot.py", "--output_dir", gen, "--inputs", *slices, "--num_samples",
+                                             self.args.num_samples, *self.llm_args()), ok_codes=(0, 1))
+                self.step("persona_augment", self.py("persona_augment.py", "--output_dir", gen, "--k",
+                                                     self.args.k1, *self.llm_args()))
+                self.step("reflection", self.py("reflection.py", "--output_dir", gen, "--k", self.args.k2,
+                                                *self.llm_args()))
+            finally:
+                self.stop_llm()
+        dataset = self.run_dir / "dataset"
+        self.step("build_dataset", self.py("build_dataset.py", "--output_dir", dataset,
+                                           "--inputs", *[gen / f"{name}.jsonl" for name in GEN_OUTPUTS]),
+                  ok_codes=(0, 1))
+        rows = json.loads((dataset / "stats.json").read_text())["kept"]["total"] if (dataset / "stats.json").exists() else 0
+        if not rows:
+            (self.done_dir / "build_dataset").unlink(missing_ok=True)
+            raise UserError(f"the generation stages kept no row, so there is nothing to train on (yields in "
+                            f"{gen}/*.stats.json). Raise --num_samples, --n_gsm8k or --n_math, or use a "
+                            f"stronger --llm_url; finished requests are cached, so a rerun only sends new ones.")
+
+    def start_llm(self) -> None:
+        if self.args.llm_url:
+            self.llm = (self.args.llm_url, self.args.llm_model or "gpt-4o-mini")
+            return
+        from personamath.serve import SERVED_NAME, start
+
+        print("[chain] starting the embedded LLM server", flush=True)
+        info = start(state=self.server_state)
+        self.llm = (info["url"], SERVED_NAME)
+
+    def stop_llm(self) -> None:
+        if not self.args.llm_url:
+            from personamath.serve import stop
+
+            stop(self.server_state)
+            print("[chain] embedded LLM server stopped", flush=True)
+
+    # --- training and evaluation -------------------------------------------------------------------
+    def train(self) -> Path:
+        out = self.run_dir / "train"
+        env = {"MODEL_PATH": self.args.base_model, "DATA_PATH": str(self.run_dir / "dataset/PersonaMathQA.jsonl"),
+               "OUTPUT_DIR": str(out), "NUM_GPUS": str(self.args.ranks), "PER_DEVICE_BATCH_SIZE": str(self.args.batch_size),
+               "GRAD_ACCUM": "1", "EPOCHS": str(self.args.epochs), "LR": str(self.args.lr), "MAX_LENGTH": "1024",
+               "SAVE_STEPS": "100000", "DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"),
+               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        self.step("train", ["bash", "run_zero2.sh", *self.args.train_args.split()], env=env)
+        return out
+
+    def evaluate(self, label: str, model) -> None:
+        for task, count in (("gsm8k", self.args.eval_gsm8k), ("math", self.args.eval_math)):
+            if count > 0:
+                self.step(f"eval_{label}_{task}", self.py(f"eval_{task}.py", "--model", model, "--data_file",
+                                                          TEST_FILES[task], "--limit", count,
+                                                          "--max_tokens", self.args.eval_max_tokens,
+                                                          "--output_dir", self.run_dir / "eval" / label / task))
+
+    def run(self) -> None:
+        started = time.time()
+        self.generate()
+        trained = self.train()
+        self.evaluate("base", self.args.base_model)
+        self.evaluate("trained", trained)
+        subprocess.run(self.py("report.py", "--run_dir", self.run_dir), cwd=ROOT, check=True)
+        print(f"[chain] finished in {time.time() - started:.0f} s; everything is under {self.run_dir}")
+
+
+def easiest(task: str, rows: list[dict]) -> list[dict]:
+    """Rows ordered from easiest: GSM8K by the number of calculation steps of the reference solution,
+    then its length; MATH level 1 first, then by the length of the solution. Stable, so reproducible."""
+    if task == "gsm8k":
+        return sorted(rows, key=lambda r: (r["answer"].count("<<"), len(r["answer"])))
+    return sorted(rows, key=lambda r: (r.get("level") != "Level 1", len(r["solution"])))
+
+
+def main(argv=None) -> None:
+    with exit_on_user_error():
+        Chain(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The paper's results table and plots for one run folder.
+
+    python report.py --run_dir runs/NAME
+
+Reads RUN_DIR/eval/LABEL/{gsm8k,math}/summary.json (eval_gsm8k.py / eval_math.py outputs, one folder
+per evaluated model), RUN_DIR/gen/*.stats.json and RUN_DIR/dataset/stats.json when present, and the
+published figures (data/reference/published_results.csv). Writes RUN_DIR/report.md (also printed)
+and RUN_DIR/plots/: math_by_level.png, math_by_subject.png, stage_yields.png.
+A LABEL spelled like a published model (e.g. PersonaMath-Qwen2.5-7B) is shown beside its figures.
+"""
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from personamath.errors import UserError, exit_on_user_error
+from personamath.jsonl import write_text
+
+PUBLISHED = Path(__file__).resolve().parent / "data/reference/published_results.csv"
+TASKS = ("gsm8k", "math")
+GRADERS = ("paper", "verify")
+STAGES = ("cot", "persona", "reflection", "reflection_persona")
+
+
+def load_published(path: Path = PUBLISHED) -> dict[str, dict]:
+    with path.open(newline="") as f:
+        return {row["model"].lower(): row for row in csv.DictReader(f)}
+
+
+def load_evals(run_dir: Path) -> dict[str, dict[str, dict]]:
+    """{label: {task: summary}} for every evaluated model under RUN_DIR/eval."""
+    evals = {}
+    for summary in sorted((run_dir / "eval").glob("*/*/summary.json")):
+        label, task = summary.parent.parent.name, summary.parent.name
+        if task in TASKS:
+            evals.setdefault(label, {})[task] = json.loads(summary.read_text())
+    return evals
+
+
+def pct(summary: dict | None, grader: str) -> str:
+    if summary is None or grader not in summary["accuracy"]:
+        return "—"
+    return f"{100 * summary['accuracy'][grader]:.1f} ({summary['correct'][grader]}/{summary['n']})"
+
+
+def results_table(evals: dict, published: dict) -> list[str]:
+    lines = ["| model | GSM8K paper | GSM8K verify | MATH paper | MATH verify | published GSM8K | published MATH |",
+             "|---|---|---|---|---|---|---|"]
+    for label, tasks in evals.items():
+        ref = published.get(label.lower(), {})
+        lines.append(f"| {label} | {pct(tasks.get('gsm8k'), 'paper')} | {pct(tasks.get('gsm8k'), 'verify')} | "
+                     f"{pct(tasks.get('math'), 'paper')} | {pct(tasks.get('math'), 'verify')} | "
+                     f"{ref.get('gsm8k_pass1', '—')} | {ref.get('math_pass1', '—')} |")
+    return lines
+
+
+def yields_table(run_dir: Path) -> tuple[list[str], list[dict]]:
+    stats = [json.loads(p.read_text()) for name in STAGES if (p := run_dir / "gen" / f"{name}.stats.json").exists()]
+    lines = ["| stage | inputs | attempted | kept | yield |", "|---|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['inputs']} | {s['attempted']} | {s['kept']} | {100 * s['yield']:.1f}% |"
+              for s in stats]
+    return lines, stats
+
+
+def bar_chart(path: Path, title: str, categories: list[str], series: dict[str, list[float]], ylabel: str,
+              annotations: dict[str, list[str]] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(categories) * max(1, len(series)) ** 0.5), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(categories))]
+        bars = ax.bar(xs, values, width, label=name)
+        for bar, text in zip(bars, (annotations or {}).get(name, [])):
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8)
+    ax.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 5 else 0, ha="right"
+                  if len(categories) > 5 else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(0, max([5.0] + [v * 1.15 for values in series.values() for v in values]))
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def math_breakdown(evals: dict, key: str, grader: str = "verify") -> tuple[list[str], dict, dict]:
+    """Categories (levels or subjects) and per-model accuracy (%) with correct/n labels."""
+    maths = {label: tasks["math"] for label, tasks in evals.items() if "math" in tasks}
+    categories = sorted({c for s in maths.values() for c in s.get(key, {})})
+    series, notes = {}, {}
+    for label, summary in maths.items():
+        cells = [summary.get(key, {}).get(c, {}).get(grader, {"n": 0, "correct": 0}) for c in categories]
+        series[label] = [100 * cell["correct"] / cell["n"] if cell["n"] else 0.0 for cell in cells]
+        notes[label] = [f"{cell['correct']}/{cell['n']}" for cell in cells]
+    return categories, series, notes
+
+
+def write_report(run_dir: Path) -> str:
+    evals = load_evals(run_dir)
+    if not evals:
+        raise UserError(f"{run_dir}/eval: no evaluation summaries (expected eval/LABEL/{{gsm8k,math}}/summary.json)")
+    published = load_published()
+    plots = run_dir / "plots"
+    lines = [f"# PersonaMath run report: {run_dir.name}", "", "## Results (Pass@1, %, greedy)", "",
+             *results_table(evals, published), "",
+             "`paper`: the authors' answer extraction and comparison (comparable with the published table); "
+             "`verify`: math-verify equivalence. Published figures: the authors' README "
+             "(data/reference/published_results.csv), full test sets; ours are on the slices named below.", ""]
+    for label, tasks in evals.items():
+        for task, summary in tasks.items():
+            gen = summary["generation"]
+            lines.append(f"- {label} / {task}: `{summary['model']}` on {summary['n']} items of "
+                         f"`{gen['data_file']}`, prompt `{gen['prompt_version']}`, max_tokens "
+                         f"{gen['sampling']['max_tokens']}")
+    lines.append("")
+    ytable, stats = yields_table(run_dir)
+    if stats:
+        lines += ["## Generation yields", "", *ytable, ""]
+        dataset_stats = run_dir / "dataset/stats.json"
+        if dataset_stats.exists():
+            kept = json.loads(dataset_stats.read_text())["kept"]
+            lines += [f"PersonaMathQA rows after deduplication and decontamination: **{kept['total']}** "
+                      f"(by stage: {kept['by_stage']}; by source: {kept['by_source']}).", ""]
+        bar_chart(plots / "stage_yields.png", "Yield of each generation stage", [s["stage"] for s in stats],
+                  {"yield": [100 * s["yield"] for s in stats]}, "kept / attempted (%)",
+                  {"yield": [f"{s['kept']}/{s['attempted']}" for s in stats]})
+        lines += ["![stage yields](plots/stage_yields.png)", ""]
+    for key, name in (("by_level", "level"), ("by_subject", "subject")):
+        categories, series, notes = math_breakdown(evals, key)
+        if categories:
+            bar_chart(plots / f"math_by_{name}.png", f"MATH accuracy per {name} (verify grader)", categories, series, "accuracy (%)", notes)
+            lines += [f"![MATH per {name}](plots/math_by_{name}.png)", ""]
+    lines += ["## Published (the authors' table)", "", "| model | GSM8K | MATH | source |", "|---|---|---|---|",
+              *[f"| {r['model']} | {r['gsm8k_pass1']} | {r['math_pass1']} | {r['source']} |" for r in published.values()],
+              ""]
+    report = "\n".join(lines)
+    write_text(run_dir / "report.md", report)
+    return report
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_dir", required=True, type=Path)
+    args = p.parse_args(argv)
+    with exit_on_user_error():
+        print(write_report(args.run_dir))
+        print(f"report: {args.run_dir / 'report.md'}; plots: {args.run_dir / 'plots'}")
+
+
+if __name__ == "__main__":
+    main()
