@@ -33,17 +33,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="embedded", help="run folder: RUNS_DIR/NAME")
     p.add_argument("--runs_dir", type=Path, default=ROOT / "runs")
     g = p.add_argument_group("generation")
-    g.add_argument("--n_gsm8k", type=int, default=8, help="GSM8K train questions in the slice")
-    g.add_argument("--n_math", type=int, default=32, help="MATH train questions in the slice")
+    g.add_argument("--n_gsm8k", type=int, default=4, help="GSM8K train questions in the slice")
+    g.add_argument("--n_math", type=int, default=36, help="MATH train questions in the slice")
     g.add_argument("--slice", choices=["easy", "first"], default="easy",
                    help="easy: the questions with the shortest reference solutions (GSM8K: fewest steps; MATH: "
                         "level 1), where a small model has a chance; first: the files' first questions")
-    g.add_argument("--num_samples", type=int, default=3, help="gen_cot attempts per question")
+    g.add_argument("--num_samples", type=int, default=4, help="gen_cot attempts per question")
     g.add_argument("--k1", type=int, default=2, help="persona rewrites per solved question")
     g.add_argument("--k2", type=int, default=2, help="persona rewrites per question corrected by reflection")
+    g.add_argument("--reflect_limit", type=int, default=12, help="reflect on at most this many failed questions "
+                                                                 "(0: all)")
     g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--max_tokens", type=int, default=256, help="per generation request")
-    g.add_argument("--concurrency", type=int, default=16)
+    g.add_argument("--max_tokens", type=int, default=320, help="per generation request")
+    g.add_argument("--concurrency", type=int, default=32)
     g.add_argument("--llm_url", default=None, help="an OpenAI-compatible server to use instead of starting the "
                                                    "embedded one (the key, if any, from $OPENAI_API_KEY)")
     g.add_argument("--llm_model", default=None, help="model name at --llm_url")
@@ -54,9 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--batch_size", type=int, default=4, help="per rank")
     t.add_argument("--lr", type=float, default=2e-5)
     t.add_argument("--train_args", default="", help="more train.py arguments, e.g. '--max_steps 2'")
-    t.add_argument("--eval_gsm8k", type=int, default=12, help="GSM8K test items")
-    t.add_argument("--eval_math", type=int, default=12, help="MATH-500 test items")
-    t.add_argument("--eval_max_tokens", type=int, default=320)
+    t.add_argument("--eval_gsm8k", type=int, default=8, help="GSM8K test items")
+    t.add_argument("--eval_math", type=int, default=8, help="MATH-500 test items")
+    t.add_argument("--eval_max_tokens", type=int, default=256)
     return p.parse_args(argv)
 
 
@@ -129,7 +131,8 @@ class Chain:
                                              self.args.num_samples, *self.llm_args()), ok_codes=(0, 1))
                 self.step("persona_augment", self.py("persona_augment.py", "--output_dir", gen, "--k",
                                                      self.args.k1, *self.llm_args()))
-                self.step("reflection", self.py("reflection.py", "--output_dir", gen, "--k", self.args.k2,
+                limit = ["--limit", self.args.reflect_limit] if self.args.reflect_limit else []
+                self.step("reflection", self.py("reflection.py", "--output_dir", gen, "--k", self.args.k2, *limit,
                                                 *self.llm_args()))
             finally:
                 self.stop_llm()
