@@ -34,18 +34,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs_dir", type=Path, default=ROOT / "runs")
     g = p.add_argument_group("generation")
     g.add_argument("--n_gsm8k", type=int, default=4, help="GSM8K train questions in the slice")
-    g.add_argument("--n_math", type=int, default=36, help="MATH train questions in the slice")
+    g.add_argument("--n_math", type=int, default=50, help="MATH train questions in the slice")
     g.add_argument("--slice", choices=["easy", "first"], default="easy",
                    help="easy: the questions with the shortest reference solutions (GSM8K: fewest steps; MATH: "
                         "level 1), where a small model has a chance; first: the files' first questions")
-    g.add_argument("--num_samples", type=int, default=4, help="gen_cot attempts per question")
+    g.add_argument("--num_samples", type=int, default=6, help="gen_cot attempts per question")
     g.add_argument("--k1", type=int, default=2, help="persona rewrites per solved question")
     g.add_argument("--k2", type=int, default=2, help="persona rewrites per question corrected by reflection")
     g.add_argument("--reflect_limit", type=int, default=12, help="reflect on at most this many failed questions "
                                                                  "(0: all)")
+    g.add_argument("--answer_format", choices=["boxed", "stated"], default="stated",
+                   help="passed to the stages: stated also accepts a closing \"The final answer is X\" (the "
+                        "embedded 135M model rarely boxes its answer); boxed is the stages' own default")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--max_tokens", type=int, default=320, help="per generation request")
-    g.add_argument("--concurrency", type=int, default=32)
+    g.add_argument("--concurrency", type=int, default=64)
     g.add_argument("--llm_url", default=None, help="an OpenAI-compatible server to use instead of starting the "
                                                    "embedded one (the key, if any, from $OPENAI_API_KEY)")
     g.add_argument("--llm_model", default=None, help="model name at --llm_url")
@@ -113,11 +116,11 @@ class Chain:
             raise UserError("--n_gsm8k and --n_math are both 0: nothing to generate from")
         return slices
 
-    def llm_args(self) -> list[str]:
+    def stage_args(self) -> list[str]:
         url, model = self.llm
         a = self.args
         return ["--base_url", url, "--model", model, "--temperature", a.temperature, "--max_tokens", a.max_tokens,
-                "--concurrency", a.concurrency]
+                "--concurrency", a.concurrency, "--answer_format", a.answer_format]
 
     def generate(self) -> None:
         gen = self.run_dir / "gen"
@@ -128,12 +131,12 @@ class Chain:
                 # gen_cot exits 1 when it keeps nothing; the chain goes on and judges the dataset as a
                 # whole (a question gen_cot misses may still be corrected by reflection).
                 self.step("gen_cot", self.py("gen_cot.py", "--output_dir", gen, "--inputs", *slices, "--num_samples",
-                                             self.args.num_samples, *self.llm_args()), ok_codes=(0, 1))
+                                             self.args.num_samples, *self.stage_args()), ok_codes=(0, 1))
                 self.step("persona_augment", self.py("persona_augment.py", "--output_dir", gen, "--k",
-                                                     self.args.k1, *self.llm_args()))
+                                                     self.args.k1, *self.stage_args()))
                 limit = ["--limit", self.args.reflect_limit] if self.args.reflect_limit else []
                 self.step("reflection", self.py("reflection.py", "--output_dir", gen, "--k", self.args.k2, *limit,
-                                                *self.llm_args()))
+                                                *self.stage_args()))
             finally:
                 self.stop_llm()
         dataset = self.run_dir / "dataset"

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         print_estimate("gen_cot", llm, first, note=f"; at most {args.num_samples}x that with --num_samples "
                                                    f"{args.num_samples} (later attempts only for wrong answers)")
         return 0
-    grader = AsyncGrader(args.grading_timeout)
+    grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:
         result = asyncio.run(run_items(
             questions, lambda q: solve_question(llm, grader, q[0], q[1], args.num_samples), llm, "gen_cot",

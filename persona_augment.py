@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         print_estimate("persona_augment", llm, dry_run_requests(rows, pool, args),
                        note=" (solve requests estimated from the original question)")
         return 0
-    grader = AsyncGrader(args.grading_timeout)
+    grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:
         result = asyncio.run(run_items(rows, lambda row: persona_variants(llm, grader, row, pool, args.k, args.persona_seed,
                                                                            "persona"), llm, "persona_augment"))

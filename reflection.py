@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                                            for r in failed],
                        note=f"; then, for each corrected question, {args.k} x (rewrite + solve [+ reflect])")
         return 0
-    grader = AsyncGrader(args.grading_timeout)
+    grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:
         corrected = asyncio.run(run_items(failed, lambda row: correct_question(llm, grader, row, args.format),
                                           llm, "reflection"))

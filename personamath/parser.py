@@ -129,3 +129,21 @@ def gsm8k_verify_text(text: str) -> str:
     `1,234,567` joined into one number instead of three."""
     text = _CALCULATOR.sub("", text)
     return _THOUSANDS.sub(lambda m: m.group().replace("{,}", "").replace(",", ""), text)
+
+
+# "The (final) answer is X" / "Final answer: X" closing a solution: a stated final answer without a box.
+_STATED_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*\$*\s*(.+?)\s*\$*\s*\.?\s*$",
+                            re.IGNORECASE)
+
+
+def stated_final_answer(text: str) -> str | None:
+    """The last `\\boxed{}` answer, or else the answer a closing "The final answer is X" line states
+    (as Qwen2.5-Math's parser reads "the answer is"); None when the text states no final answer."""
+    boxed = last_boxed_answer(text)
+    if boxed is not None:
+        return boxed
+    for line in reversed([line for line in text.strip().splitlines() if line.strip()][-3:]):
+        match = _STATED_ANSWER.search(line)
+        if match and match.group(1).strip():
+            return match.group(1).strip()
+    return None

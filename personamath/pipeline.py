@@ -30,6 +30,9 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/gen", help="stage outputs and the response cache")
     p.add_argument("--limit", type=int, default=None, help="process at most this many input items")
     p.add_argument("--grading_timeout", type=float, default=10.0)
+    p.add_argument("--answer_format", choices=["boxed", "stated"], default="boxed",
+                   help="what counts as a solution's final answer: boxed (default) only `\\boxed{}`; stated also "
+                        "a closing \"The final answer is X\" line (a lower bar, for weak models)")
     add_llm_args(p)
     return p
 
@@ -156,19 +159,23 @@ async def persona_variants(llm: LLMClient, grader: "AsyncGrader", row: dict, poo
 class AsyncGrader:
     """math-verify (the `verify` grader) in worker processes, awaited without blocking other requests."""
 
-    def __init__(self, timeout: float):
-        self.timeout = timeout
+    def __init__(self, timeout: float, answer_format: str = "boxed"):
+        self.timeout, self.answer_format = timeout, answer_format
         self.pool = grader.grading_pool()
 
     async def correct(self, task: str, completion: str, gold: str) -> bool:
-        """Whether the completion states a final answer in `\\boxed{}`, as the prompts ask, equal to the gold.
-        Without a box, math-verify would fall back to any number in the text: a lucky match, not a solution."""
+        """Whether the completion states a final answer, as the prompts ask, equal to the gold: in
+        `\\boxed{}`, or with answer_format "stated" also in a closing "The final answer is X" line.
+        Without one, math-verify would fall back to any number in the text: a lucky match, not a solution."""
         from concurrent.futures import TimeoutError as FutureTimeout
 
         from pebble import ProcessExpired
 
         if parser.last_boxed_answer(completion) is None:
-            return False
+            stated = parser.stated_final_answer(completion) if self.answer_format == "stated" else None
+            if stated is None:
+                return False
+            completion = f"\\boxed{{{stated}}}"
         future = self.pool.schedule(grader.verify_safely, args=(task, completion, gold), timeout=self.timeout)
         try:
             return (await asyncio.wrap_future(future)).correct

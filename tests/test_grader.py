@@ -128,3 +128,17 @@ def test_gold_of_unbraced_boxed_train_solutions():
     assert parser.gold_boxed_answer("so our answer is $\\boxed 2$.") == "2"
     assert parser.gold_boxed_answer("\\boxed{3} and later \\boxed 4") == "4"  # the last box, as always
     assert parser.last_boxed_answer("so our answer is $\\boxed 2$.") is None  # the authors' extraction
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Add them.\n\nThe final answer is 1.", "1"),
+    ("So, the answer is $1$.", "1"),
+    ("Final Answer: 3 inches", "3 inches"),
+    ("We get $\\boxed{7}$.\nThe final answer is 8.", "7"),  # a box wins
+    ("The answer is 4 because 2 + 2 = 4.\nLet me check once more.\nStep 1.\nStep 2.", None),  # not closing
+    ("There are 12 apples and 3 pears.", None),
+])
+def test_stated_final_answer(text, expected):
+    from personamath.parser import stated_final_answer
+
+    assert stated_final_answer(text) == expected
