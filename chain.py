@@ -1,7 +1,7 @@
 """The whole PersonaMath chain in one command, each stage run as its own script, as a user runs it:
 
     slice GSM8K + MATH train -> [start the LLM server] -> gen_cot -> persona_augment -> reflection
-    -> build_dataset -> [stop the server] -> train (run_zero2.sh) -> eval_gsm8k / eval_math of the base
+    -> [stop the server] -> build_dataset -> train (run_zero2.sh) -> eval_gsm8k / eval_math of the base
     and the trained model -> report.py
 
 Everything goes under runs/NAME/ (logs/ holds each step's output). A step that finished is marked
@@ -12,6 +12,7 @@ flags: the defaults fit the embedded SmolLM2-135M on a 2-core CPU; the same comm
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -59,10 +60,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--batch_size", type=int, default=4, help="per rank")
     t.add_argument("--lr", type=float, default=2e-5)
     t.add_argument("--train_args", default="", help="more train.py arguments, e.g. '--max_steps 2'")
-    t.add_argument("--eval_gsm8k", type=int, default=8, help="GSM8K test items")
-    t.add_argument("--eval_math", type=int, default=8, help="MATH-500 test items")
+    t.add_argument("--eval_gsm8k", type=int, default=8, help="GSM8K test items (the first N)")
+    t.add_argument("--eval_math", type=int, default=8, help="MATH test items (the first N of --math_test_file)")
+    t.add_argument("--math_test_file", type=Path, default=TEST_FILES["math"],
+                   help="MATH-500 by default (its order mixes subjects and levels, so a slice is a fair sample); "
+                        "data/MATH_test.jsonl is the 5000-problem test set of the published table")
     t.add_argument("--eval_max_tokens", type=int, default=256)
-    return p.parse_args(argv)
+    t.add_argument("--eval_args", default="", help="more eval_*.py arguments, e.g. '--tensor_parallel_size 4'")
+    args = p.parse_args(argv)
+    # Steps run from the repository root: local paths given from elsewhere are made absolute (a hub
+    # name such as Qwen/Qwen2.5-7B is left as it is).
+    args.math_test_file = args.math_test_file.resolve()
+    if Path(args.base_model).exists():
+        args.base_model = str(Path(args.base_model).resolve())
+    return args
 
 
 class Chain:
@@ -75,12 +86,27 @@ class Chain:
         self.done_dir.mkdir(exist_ok=True)
         self.server_state = self.run_dir / "server.json"
         self.llm = None  # (url, model) once a server is up
+        self.rerun_rest = False
+
+    def signature(self, command: list[str], env: dict | None) -> str:
+        """What a step is, for its done marker: its command and settings, less the server's address
+        (the embedded server gets a new port each time)."""
+        words = [str(w) for w in command]
+        if "--base_url" in words:
+            del words[words.index("--base_url") + 1]
+        return json.dumps([words, env or {}])
+
+    def is_done(self, name: str, command: list[str], env: dict | None = None) -> bool:
+        marker = self.done_dir / name
+        return not self.rerun_rest and marker.exists() and marker.read_text() == self.signature(command, env)
 
     def step(self, name: str, command: list[str], env: dict | None = None, ok_codes=(0,)) -> None:
-        """Run one step unless it is done; its output goes to logs/NAME.log."""
-        if (self.done_dir / name).exists():
+        """Run one step unless it is done with the same settings; its output goes to logs/NAME.log.
+        Once a step runs, every later one runs too (its inputs may have changed)."""
+        if self.is_done(name, command, env):
             print(f"[chain] {name}: done before, skipped")
             return
+        self.rerun_rest = True
         log = self.logs / f"{name}.log"
         print(f"[chain] {name}: running (log: {log})", flush=True)
         started = time.time()
@@ -94,7 +120,7 @@ class Chain:
             raise UserError(f"step {name} failed (exit {code}) after {time.time() - started:.0f} s; the last lines "
                             f"of {log}:\n{tail}\nEverything finished so far is kept under {self.run_dir}; "
                             f"fix the cause and run the same command again to resume from {name}.")
-        (self.done_dir / name).write_text(f"{time.time() - started:.1f}\n")
+        (self.done_dir / name).write_text(self.signature(command, env))
         print(f"[chain] {name}: done in {time.time() - started:.0f} s", flush=True)
 
     def py(self, script: str, *args) -> list[str]:
@@ -125,18 +151,25 @@ class Chain:
     def generate(self) -> None:
         gen = self.run_dir / "gen"
         slices = self.write_slices()
-        if not all((self.done_dir / s).exists() for s in ("gen_cot", "persona_augment", "reflection")):
+        self.llm = (self.args.llm_url or "", self.llm_model())  # the URL is known once a server is up
+        limit = ["--limit", self.args.reflect_limit] if self.args.reflect_limit else []
+        steps = lambda: [  # noqa: E731 - rebuilt once the server's URL is known
+            # gen_cot exits 1 when it keeps nothing; the chain goes on and judges the dataset as a
+            # whole (a question gen_cot misses may still be corrected by reflection).
+            ("gen_cot", self.py("gen_cot.py", "--output_dir", gen, "--inputs", *slices, "--num_samples",
+                                self.args.num_samples, *self.stage_args()), (0, 1)),
+            ("persona_augment", self.py("persona_augment.py", "--output_dir", gen, "--k", self.args.k1,
+                                        *self.stage_args()), (0,)),
+            ("reflection", self.py("reflection.py", "--output_dir", gen, "--k", self.args.k2, *limit,
+                                   *self.stage_args()), (0,))]
+        if all(self.is_done(name, command) for name, command, _ in steps()):
+            for name, _, _ in steps():
+                print(f"[chain] {name}: done before, skipped")
+        else:
             self.start_llm()
             try:
-                # gen_cot exits 1 when it keeps nothing; the chain goes on and judges the dataset as a
-                # whole (a question gen_cot misses may still be corrected by reflection).
-                self.step("gen_cot", self.py("gen_cot.py", "--output_dir", gen, "--inputs", *slices, "--num_samples",
-                                             self.args.num_samples, *self.stage_args()), ok_codes=(0, 1))
-                self.step("persona_augment", self.py("persona_augment.py", "--output_dir", gen, "--k",
-                                                     self.args.k1, *self.stage_args()))
-                limit = ["--limit", self.args.reflect_limit] if self.args.reflect_limit else []
-                self.step("reflection", self.py("reflection.py", "--output_dir", gen, "--k", self.args.k2, *limit,
-                                                *self.stage_args()))
+                for name, command, ok_codes in steps():
+                    self.step(name, command, ok_codes=ok_codes)
             finally:
                 self.stop_llm()
         dataset = self.run_dir / "dataset"
@@ -145,20 +178,23 @@ class Chain:
                   ok_codes=(0, 1))
         rows = json.loads((dataset / "stats.json").read_text())["kept"]["total"] if (dataset / "stats.json").exists() else 0
         if not rows:
-            (self.done_dir / "build_dataset").unlink(missing_ok=True)
+            (self.done_dir / "build_dataset").unlink(missing_ok=True)  # so that a rerun judges again
             raise UserError(f"the generation stages kept no row, so there is nothing to train on (yields in "
                             f"{gen}/*.stats.json). Raise --num_samples, --n_gsm8k or --n_math, or use a "
                             f"stronger --llm_url; finished requests are cached, so a rerun only sends new ones.")
 
     def start_llm(self) -> None:
         if self.args.llm_url:
-            self.llm = (self.args.llm_url, self.args.llm_model or "gpt-4o-mini")
             return
-        from personamath.serve import SERVED_NAME, start
+        from personamath.serve import start
 
         print("[chain] starting the embedded LLM server", flush=True)
-        info = start(state=self.server_state)
-        self.llm = (info["url"], SERVED_NAME)
+        self.llm = (start(state=self.server_state)["url"], self.llm_model())
+
+    def llm_model(self) -> str:
+        from personamath.serve import SERVED_NAME
+
+        return self.args.llm_model or ("gpt-4o-mini" if self.args.llm_url else SERVED_NAME)
 
     def stop_llm(self) -> None:
         if not self.args.llm_url:
@@ -175,16 +211,21 @@ class Chain:
                "GRAD_ACCUM": "1", "EPOCHS": str(self.args.epochs), "LR": str(self.args.lr), "MAX_LENGTH": "1024",
                "SAVE_STEPS": "100000", "DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"),
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        self.step("train", ["bash", "run_zero2.sh", *self.args.train_args.split()], env=env)
+        self.step("train", ["bash", "run_zero2.sh", *shlex.split(self.args.train_args)], env=env)
         return out
 
-    def evaluate(self, label: str, model) -> None:
-        for task, count in (("gsm8k", self.args.eval_gsm8k), ("math", self.args.eval_math)):
+    def evaluate(self, role: str, model) -> None:
+        """Evaluate under eval/LABEL/, LABEL spelled as the published table names the model (the base
+        model's name, and PersonaMath-NAME once trained), so that report.py puts the two side by side."""
+        name = Path(str(self.args.base_model).rstrip("/")).name
+        label = name if role == "base" else f"PersonaMath-{name}"
+        a = self.args
+        for task, count, data in (("gsm8k", a.eval_gsm8k, TEST_FILES["gsm8k"]), ("math", a.eval_math, a.math_test_file)):
             if count > 0:
-                self.step(f"eval_{label}_{task}", self.py(f"eval_{task}.py", "--model", model, "--data_file",
-                                                          TEST_FILES[task], "--limit", count,
-                                                          "--max_tokens", self.args.eval_max_tokens,
-                                                          "--output_dir", self.run_dir / "eval" / label / task))
+                self.step(f"eval_{role}_{task}", self.py(f"eval_{task}.py", "--model", model, "--data_file", data,
+                                                         "--limit", count, "--max_tokens", a.eval_max_tokens,
+                                                         "--output_dir", self.run_dir / "eval" / label / task,
+                                                         *shlex.split(a.eval_args)))
 
     def run(self) -> None:
         started = time.time()

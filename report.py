@@ -6,7 +6,8 @@ Reads RUN_DIR/eval/LABEL/{gsm8k,math}/summary.json (eval_gsm8k.py / eval_math.py
 per evaluated model), RUN_DIR/gen/*.stats.json and RUN_DIR/dataset/stats.json when present, and the
 published figures (data/reference/published_results.csv). Writes RUN_DIR/report.md (also printed)
 and RUN_DIR/plots/: math_by_level.png, math_by_subject.png, stage_yields.png.
-A LABEL spelled like a published model (e.g. PersonaMath-Qwen2.5-7B) is shown beside its figures.
+A LABEL spelled like a published model (e.g. PersonaMath-Qwen2.5-7B, or Llama-2-7b-hf for LLaMA-2-7B) is
+shown beside its figures; chain.py names its folders that way (the base model's name, PersonaMath-NAME).
 """
 import argparse
 import csv
@@ -24,7 +25,13 @@ STAGES = ("cot", "persona", "reflection", "reflection_persona")
 
 def load_published(path: Path = PUBLISHED) -> dict[str, dict]:
     with path.open(newline="") as f:
-        return {row["model"].lower(): row for row in csv.DictReader(f)}
+        return {published_key(row["model"]): row for row in csv.DictReader(f)}
+
+
+def published_key(label: str) -> str:
+    """A model's name as looked up in the published table: case aside, and without the hub's '-hf'
+    suffix (meta-llama/Llama-2-7b-hf is the table's LLaMA-2-7B)."""
+    return label.lower().removesuffix("-hf")
 
 
 def load_evals(run_dir: Path) -> dict[str, dict[str, dict]]:
@@ -47,7 +54,7 @@ def results_table(evals: dict, published: dict) -> list[str]:
     lines = ["| model | GSM8K paper | GSM8K verify | MATH paper | MATH verify | published GSM8K | published MATH |",
              "|---|---|---|---|---|---|---|"]
     for label, tasks in evals.items():
-        ref = published.get(label.lower(), {})
+        ref = published.get(published_key(label), {})
         lines.append(f"| {label} | {pct(tasks.get('gsm8k'), 'paper')} | {pct(tasks.get('gsm8k'), 'verify')} | "
                      f"{pct(tasks.get('math'), 'paper')} | {pct(tasks.get('math'), 'verify')} | "
                      f"{ref.get('gsm8k_pass1', '—')} | {ref.get('math_pass1', '—')} |")

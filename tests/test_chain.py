@@ -2,6 +2,8 @@
 yields are known, unlike the embedded model's), then real training under ZeRO-2 and real vLLM
 evaluation of a tiny model, then report.py. Counts must agree from each stage to the next."""
 import json
+import shutil
+import socket
 
 import pytest
 
@@ -38,10 +40,21 @@ def count(path) -> int:
 
 
 def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_base):
+    run, gen = tmp_path / "small", tmp_path / "small/gen"
+    # A failing step (here training, given an option train.py does not know) stops the chain with
+    # its log's tail; what finished is kept, and the rerun resumes at that step.
+    with start_in_thread(FakeServerConfig(problems=train_problems)) as server:
+        failed = chain(tmp_path, server.url, tiny_base, "--train_args", "--no_such_option 1")
+        assert server.stats()["requests"] > 0
+    assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "error: step train failed" in failed.stderr and "no_such_option" in failed.stderr
+    assert "run the same command again to resume from train" in failed.stderr
+    assert (run / ".done/build_dataset").exists() and not (run / ".done/train").exists()
     with start_in_thread(FakeServerConfig(problems=train_problems)) as server:
         result = chain(tmp_path, server.url, tiny_base)
+        assert server.stats()["requests"] == 0
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run, gen = tmp_path / "small", tmp_path / "small/gen"
+    assert "gen_cot: done before, skipped" in result.stdout and "train: running" in result.stdout
 
     def stats(name):
         return json.loads((gen / f"{name}.stats.json").read_text())
@@ -63,14 +76,15 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     assert dataset["kept"]["total"] == count(run / "dataset/PersonaMathQA.jsonl") > 0
     assert json.loads((run / "train/train_data_stats.json").read_text())["examples"] == dataset["kept"]["total"]
     assert (run / "train/model.safetensors").is_file()
-    # Both models evaluated on both tasks, and the report shows them.
-    for label in ("base", "trained"):
+    # Both models evaluated on both tasks, each under its own name, and the report shows them.
+    base, trained = tiny_base.name, f"PersonaMath-{tiny_base.name}"
+    for label in (base, trained):
         for task in ("gsm8k", "math"):
             summary = json.loads((run / f"eval/{label}/{task}/summary.json").read_text())
             assert summary["n"] == N_EVAL
-    assert json.loads((run / "eval/trained/math/summary.json").read_text())["model"] == str(run / "train")
+    assert json.loads((run / f"eval/{trained}/math/summary.json").read_text())["model"] == str(run / "train")
     report = (run / "report.md").read_text()
-    assert "| base |" in report and "| trained |" in report and f"| cot | {N_GSM8K + N_MATH} |" in report
+    assert f"| {base} |" in report and f"| {trained} |" in report and f"| cot | {N_GSM8K + N_MATH} |" in report
     for plot in ("math_by_level", "math_by_subject", "stage_yields"):
         assert (run / f"plots/{plot}.png").stat().st_size > 1000
     assert "[chain] finished" in result.stdout and "| model | GSM8K paper |" in result.stdout
@@ -80,6 +94,17 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
         rerun = chain(tmp_path, server.url, tiny_base)
         assert server.stats()["requests"] == 0
     assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") >= 5
+
+    # report.py puts a model named as in the published table beside its published figures
+    # (the hub's '-hf' suffix aside), and others beside none.
+    shutil.copytree(run / f"eval/{trained}", run / "eval/PersonaMath-Qwen2.5-7B")
+    shutil.copytree(run / f"eval/{base}", run / "eval/Llama-2-7b-hf")
+    assert run_script("report.py", "--run_dir", str(run)).returncode == 0
+    results = (run / "report.md").read_text().split("## Results")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0]: line for line in results.splitlines() if line.startswith("| ")}
+    assert rows["| PersonaMath-Qwen2.5-7B"].endswith("| 84.3 | 56.6 |")
+    assert rows["| Llama-2-7b-hf"].endswith("| 14.6 | 2.5 |")
+    assert rows[f"| {trained}"].endswith("| — | — |")
 
 
 def test_chain_with_nothing_kept_stops_clearly_and_keeps_what_finished(tmp_path, train_problems, tiny_base):
@@ -98,3 +123,32 @@ def test_chain_with_nothing_kept_stops_clearly_and_keeps_what_finished(tmp_path,
         assert server.stats()["requests"] == 0
     assert rerun.returncode == 2 and "gen_cot: running" not in rerun.stdout
     assert "the generation stages kept no row" in rerun.stderr
+    # With more attempts the stages run again, and only the new attempts are sent (the rest is cached).
+    with start_in_thread(config) as server:
+        more = chain(tmp_path, server.url, tiny_base, "--num_samples", "2")
+        assert server.stats()["by_kind"]["solve"] == N_GSM8K + N_MATH
+    assert more.returncode == 2 and "gen_cot: running" in more.stdout
+
+
+def test_chain_starts_generates_through_and_stops_the_embedded_server(tmp_path, tiny_base):
+    """The main command's own path: with no --llm_url, chain.py starts vLLM's server on the embedded
+    SmolLM2, generates through it over real HTTP, and stops it, whatever the model's (low) yield."""
+    result = run_script("chain.py", "--runs_dir", str(tmp_path), "--name", "embedded", "--n_gsm8k", "0",
+                        "--n_math", "3", "--num_samples", "2", "--max_tokens", "128", "--k1", "1", "--k2", "1",
+                        "--reflect_limit", "2", "--base_model", str(tiny_base), "--epochs", "1",
+                        "--eval_gsm8k", "2", "--eval_math", "2", "--eval_max_tokens", "8", timeout=900)
+    run = tmp_path / "embedded"
+    assert "[chain] starting the embedded LLM server" in result.stdout, result.stderr[-3000:]
+    assert "[chain] embedded LLM server stopped" in result.stdout and not (run / "server.json").exists()
+    command = (run / "logs/gen_cot.log").read_text().splitlines()[0].split()
+    port = int(command[command.index("--base_url") + 1].split(":")[-1].removesuffix("/v1"))
+    with pytest.raises(OSError):  # nothing listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    cot = json.loads((run / "gen/cot.stats.json").read_text())
+    assert (cot["inputs"], cot["model"]) == (3, "SmolLM2-135M-Instruct") and cot["ledger"]["completion_tokens"] > 0
+    assert count(run / "gen/cot.jsonl") + count(run / "gen/cot_failed.jsonl") == 3
+    rows = json.loads((run / "dataset/stats.json").read_text())["kept"]["total"]
+    if rows:
+        assert result.returncode == 0 and (run / "report.md").exists(), result.stderr[-3000:]
+    else:
+        assert result.returncode == 2 and "the generation stages kept no row" in result.stderr
