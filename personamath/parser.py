@@ -136,6 +136,15 @@ _STATED_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*\$*\
                             re.IGNORECASE)
 
 
+def restates_problem(answer: str, problem: str, gold: str) -> bool:
+    """Whether a final answer only copies an expression of the problem, as `81^{3/4}` for "Evaluate
+    $81^{3/4}$": equal to the gold in value, but the question restated, not solved. A plain number, or
+    the gold answer as written, may well occur in the problem and never counts."""
+    compact = re.sub(r"\s+", "", answer).strip("$")
+    return (bool(compact) and not _is_plain_number(compact) and compact != re.sub(r"\s+", "", gold)
+            and compact in re.sub(r"\s+", "", problem))
+
+
 def stated_final_answer(text: str) -> str | None:
     """The last `\\boxed{}` answer, or else the answer a closing "The final answer is X" line states
     (as Qwen2.5-Math's parser reads "the answer is"); None when the text states no final answer."""

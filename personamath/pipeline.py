@@ -98,7 +98,7 @@ async def solve(llm: LLMClient, grader: "AsyncGrader", source: str, problem: str
                 sample: int = 0) -> tuple[str, bool]:
     """A fresh solution (never shown any earlier one) and whether its answer is the gold one."""
     reply = await llm.chat(solve_messages(problem), sample=sample, kind="solve")
-    return reply.text, reply.finish_reason != "length" and await grader.correct(source, reply.text, gold)
+    return reply.text, reply.finish_reason != "length" and await grader.correct(source, reply.text, gold, problem)
 
 
 async def reflect(llm: LLMClient, grader: "AsyncGrader", source: str, problem: str, gold: str,
@@ -106,7 +106,8 @@ async def reflect(llm: LLMClient, grader: "AsyncGrader", source: str, problem: s
     """The LLM is told its attempt is wrong (never the gold answer): (reflection, corrected solution, correct)."""
     reply = await llm.chat(reflect_messages(problem, wrong), kind="reflect")
     reflection, solution = split_reflection(reply.text)
-    return reflection, solution, reply.finish_reason != "length" and await grader.correct(source, solution, gold)
+    return reflection, solution, reply.finish_reason != "length" and await grader.correct(source, solution, gold,
+                                                                                          problem)
 
 
 async def rewrite(llm: LLMClient, problem: str, persona: str) -> str | None:
@@ -163,19 +164,23 @@ class AsyncGrader:
         self.timeout, self.answer_format = timeout, answer_format
         self.pool = grader.grading_pool()
 
-    async def correct(self, task: str, completion: str, gold: str) -> bool:
+    async def correct(self, task: str, completion: str, gold: str, problem: str) -> bool:
         """Whether the completion states a final answer, as the prompts ask, equal to the gold: in
         `\\boxed{}`, or with answer_format "stated" also in a closing "The final answer is X" line.
-        Without one, math-verify would fall back to any number in the text: a lucky match, not a solution."""
+        Without one, math-verify would fall back to any number in the text: a lucky match, not a solution.
+        An answer that restates an expression of the problem is not a solution either."""
         from concurrent.futures import TimeoutError as FutureTimeout
 
         from pebble import ProcessExpired
 
-        if parser.last_boxed_answer(completion) is None:
-            stated = parser.stated_final_answer(completion) if self.answer_format == "stated" else None
-            if stated is None:
+        answer = parser.last_boxed_answer(completion)
+        if answer is None:
+            answer = parser.stated_final_answer(completion) if self.answer_format == "stated" else None
+            if answer is None:
                 return False
-            completion = f"\\boxed{{{stated}}}"
+            completion = f"\\boxed{{{answer}}}"
+        if parser.restates_problem(answer, problem, gold):
+            return False
         future = self.pool.schedule(grader.verify_safely, args=(task, completion, gold), timeout=self.timeout)
         try:
             return (await asyncio.wrap_future(future)).correct

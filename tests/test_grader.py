@@ -142,3 +142,16 @@ def test_stated_final_answer(text, expected):
     from personamath.parser import stated_final_answer
 
     assert stated_final_answer(text) == expected
+
+
+@pytest.mark.parametrize("answer,problem,gold,expected", [
+    ("81^{3/4}", "Evaluate $81^{3/4}$.", "27", True),  # the question restated: equal to 27, not solved
+    ("\\dbinom{133}{133}", "Compute $\\dbinom{133}{133}$.", "1", True),
+    ("16 ^ {7/4}", "Evaluate $16^{7/4}$.", "128", True),  # spacing aside
+    ("27", "Evaluate $81^{3/4}$.", "27", False),
+    ("3", "What is 3 + 0?", "3", False),  # a plain number of the problem may be its answer
+    ("\\frac{1}{2}", "Is $\\frac{1}{2}$ equal to $\\frac{2}{4}$? Give the first.", "\\frac{1}{2}", False),  # the gold
+    ("\\frac{3}{4}", "Evaluate $\\frac{3}{8} \\cdot 2$.", "\\frac34", False),
+])
+def test_restates_problem(answer, problem, gold, expected):
+    assert parser.restates_problem(answer, problem, gold) is expected

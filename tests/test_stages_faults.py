@@ -195,17 +195,24 @@ def test_malformed_stage_input_names_file_and_line(tmp_path):
     assert f"{tmp_path / 'cot.jsonl'}:2: malformed JSON" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_only_boxed_answers_are_kept():
+def test_only_stated_answers_that_solve_the_problem_are_kept():
     import asyncio
 
     from personamath.pipeline import AsyncGrader
 
-    async def check(texts):
-        return await asyncio.gather(*(grader.correct("gsm8k", text, "18") for text in texts))
+    async def check(grader, task, gold, problem, texts):
+        return await asyncio.gather(*(grader.correct(task, text, gold, problem) for text in texts))
 
-    grader = AsyncGrader(timeout=10)
+    boxed, stated = AsyncGrader(timeout=10), AsyncGrader(timeout=10, answer_format="stated")
     try:
-        texts = ("So she makes 18 dollars.", "So she makes $\\boxed{18}$ dollars.", "\\boxed{17}")
-        assert asyncio.run(check(texts)) == [False, True, False]
+        eggs = "Janet sells 9 eggs at $2 each. How many dollars does she make?"
+        texts = ("So she makes 18 dollars.", "So she makes $\\boxed{18}$ dollars.", "\\boxed{17}",
+                 "9 * 2 = 18.\nThe final answer is 18.")
+        assert asyncio.run(check(boxed, "gsm8k", "18", eggs, texts)) == [False, True, False, False]
+        assert asyncio.run(check(stated, "gsm8k", "18", eggs, texts)) == [False, True, False, True]
+        power = "Evaluate $81^{3/4}$."
+        texts = ("It is $\\boxed{81^{3/4}}$.", "The final answer is $81^{3/4}$.", "$(3^4)^{3/4} = \\boxed{27}$")
+        assert asyncio.run(check(stated, "math", "27", power, texts)) == [False, False, True]
     finally:
-        grader.close()
+        boxed.close()
+        stated.close()
