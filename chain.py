@@ -85,7 +85,6 @@ class Chain:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.done_dir.mkdir(exist_ok=True)
         self.server_state = self.run_dir / "server.json"
-        self.llm = None  # (url, model) once a server is up
         self.rerun_rest = False
 
     def signature(self, command: list[str], env: dict | None) -> str:
@@ -142,33 +141,37 @@ class Chain:
             raise UserError("--n_gsm8k and --n_math are both 0: nothing to generate from")
         return slices
 
-    def stage_args(self) -> list[str]:
-        url, model = self.llm
+    def stage_args(self, url: str) -> list[str]:
         a = self.args
-        return ["--base_url", url, "--model", model, "--temperature", a.temperature, "--max_tokens", a.max_tokens,
-                "--concurrency", a.concurrency, "--answer_format", a.answer_format]
+        return ["--base_url", url, "--model", self.llm_model(), "--temperature", a.temperature, "--max_tokens",
+                a.max_tokens, "--concurrency", a.concurrency, "--answer_format", a.answer_format]
+
+    def generation_steps(self, slices: list[Path], url: str) -> list[tuple[str, list[str], tuple]]:
+        """(name, command, exit codes that count as success) of each generation stage."""
+        a, gen = self.args, self.run_dir / "gen"
+        limit = ["--limit", a.reflect_limit] if a.reflect_limit else []
+        return [
+            # gen_cot exits 1 when it keeps nothing; the chain goes on and judges the dataset as a
+            # whole (a question gen_cot misses may still be corrected by reflection).
+            ("gen_cot", self.py("gen_cot.py", "--output_dir", gen, "--inputs", *slices, "--num_samples",
+                                a.num_samples, *self.stage_args(url)), (0, 1)),
+            ("persona_augment", self.py("persona_augment.py", "--output_dir", gen, "--k", a.k1,
+                                        *self.stage_args(url)), (0,)),
+            ("reflection", self.py("reflection.py", "--output_dir", gen, "--k", a.k2, *limit,
+                                   *self.stage_args(url)), (0,))]
 
     def generate(self) -> None:
         gen = self.run_dir / "gen"
         slices = self.write_slices()
-        self.llm = (self.args.llm_url or "", self.llm_model())  # the URL is known once a server is up
-        limit = ["--limit", self.args.reflect_limit] if self.args.reflect_limit else []
-        steps = lambda: [  # noqa: E731 - rebuilt once the server's URL is known
-            # gen_cot exits 1 when it keeps nothing; the chain goes on and judges the dataset as a
-            # whole (a question gen_cot misses may still be corrected by reflection).
-            ("gen_cot", self.py("gen_cot.py", "--output_dir", gen, "--inputs", *slices, "--num_samples",
-                                self.args.num_samples, *self.stage_args()), (0, 1)),
-            ("persona_augment", self.py("persona_augment.py", "--output_dir", gen, "--k", self.args.k1,
-                                        *self.stage_args()), (0,)),
-            ("reflection", self.py("reflection.py", "--output_dir", gen, "--k", self.args.k2, *limit,
-                                   *self.stage_args()), (0,))]
-        if all(self.is_done(name, command) for name, command, _ in steps()):
-            for name, _, _ in steps():
+        # The server's address is not part of a step's signature, so "done?" is asked before starting one.
+        planned = self.generation_steps(slices, url="")
+        if all(self.is_done(name, command) for name, command, _ in planned):
+            for name, _, _ in planned:
                 print(f"[chain] {name}: done before, skipped")
         else:
-            self.start_llm()
+            url = self.start_llm()
             try:
-                for name, command, ok_codes in steps():
+                for name, command, ok_codes in self.generation_steps(slices, url):
                     self.step(name, command, ok_codes=ok_codes)
             finally:
                 self.stop_llm()
@@ -183,13 +186,14 @@ class Chain:
                             f"{gen}/*.stats.json). Raise --num_samples, --n_gsm8k or --n_math, or use a "
                             f"stronger --llm_url; finished requests are cached, so a rerun only sends new ones.")
 
-    def start_llm(self) -> None:
+    def start_llm(self) -> str:
+        """The generation server's URL: --llm_url, or the embedded server, started now."""
         if self.args.llm_url:
-            return
+            return self.args.llm_url
         from personamath.serve import start
 
         print("[chain] starting the embedded LLM server", flush=True)
-        self.llm = (start(state=self.server_state)["url"], self.llm_model())
+        return start(state=self.server_state)["url"]
 
     def llm_model(self) -> str:
         from personamath.serve import SERVED_NAME
@@ -217,9 +221,9 @@ class Chain:
     def evaluate(self, role: str, model) -> None:
         """Evaluate under eval/LABEL/, LABEL spelled as the published table names the model (the base
         model's name, and PersonaMath-NAME once trained), so that report.py puts the two side by side."""
-        name = Path(str(self.args.base_model).rstrip("/")).name
-        label = name if role == "base" else f"PersonaMath-{name}"
         a = self.args
+        name = Path(a.base_model.rstrip("/")).name
+        label = name if role == "base" else f"PersonaMath-{name}"
         for task, count, data in (("gsm8k", a.eval_gsm8k, TEST_FILES["gsm8k"]), ("math", a.eval_math, a.math_test_file)):
             if count > 0:
                 self.step(f"eval_{role}_{task}", self.py(f"eval_{task}.py", "--model", model, "--data_file", data,
