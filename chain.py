@@ -12,6 +12,7 @@ flags: the defaults fit the embedded SmolLM2-135M on a 2-core CPU; the same comm
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -22,11 +23,13 @@ from personamath.data import records
 from personamath.embedded_model import DEFAULT_DIR as EMBEDDED_MODEL
 from personamath.errors import UserError, exit_on_user_error
 from personamath.jsonl import write_jsonl
+from personamath.precision import CHOICES, ENV_VAR, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent
 TRAIN_FILES = {"gsm8k": ROOT / "data/gsm8k/train.jsonl", "math": ROOT / "data/math/MATH_train.jsonl"}
 TEST_FILES = {"gsm8k": ROOT / "data/GSM8K_test.jsonl", "math": ROOT / "data/math/math500_test.jsonl"}
 GEN_OUTPUTS = ["cot", "persona", "reflection", "reflection_persona"]
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,22 +37,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="embedded", help="run folder: RUNS_DIR/NAME")
     p.add_argument("--runs_dir", type=Path, default=ROOT / "runs")
     g = p.add_argument_group("generation")
-    g.add_argument("--n_gsm8k", type=int, default=4, help="GSM8K train questions in the slice")
-    g.add_argument("--n_math", type=int, default=50, help="MATH train questions in the slice")
+    g.add_argument("--n_gsm8k", type=int, default=2, help="GSM8K train questions in the slice")
+    g.add_argument("--n_math", type=int, default=36, help="MATH train questions in the slice")
     g.add_argument("--slice", choices=["easy", "first"], default="easy",
                    help="easy: the questions with the shortest reference solutions (GSM8K: fewest steps; MATH: "
                         "level 1), where a small model has a chance; first: the files' first questions")
-    g.add_argument("--num_samples", type=int, default=6, help="gen_cot attempts per question")
+    g.add_argument("--num_samples", type=int, default=4, help="gen_cot attempts per question")
     g.add_argument("--k1", type=int, default=2, help="persona rewrites per solved question")
     g.add_argument("--k2", type=int, default=2, help="persona rewrites per question corrected by reflection")
-    g.add_argument("--reflect_limit", type=int, default=12, help="reflect on at most this many failed questions "
+    g.add_argument("--reflect_limit", type=int, default=8, help="reflect on at most this many failed questions "
                                                                  "(0: all)")
     g.add_argument("--answer_format", choices=["boxed", "stated"], default="stated",
                    help="passed to the stages: stated also accepts a closing \"The final answer is X\" (the "
                         "embedded 135M model rarely boxes its answer); boxed is the stages' own default")
     g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--max_tokens", type=int, default=320, help="per generation request")
+    g.add_argument("--max_tokens", type=int, default=288, help="per generation request")
     g.add_argument("--concurrency", type=int, default=64)
+    g.add_argument("--stall_timeout", type=float, default=300,
+                   help="a generation stage stops (resumable) when the server answers nothing for this long")
     g.add_argument("--llm_url", default=None, help="an OpenAI-compatible server to use instead of starting the "
                                                    "embedded one (the key, if any, from $OPENAI_API_KEY)")
     g.add_argument("--llm_model", default=None, help="model name at --llm_url")
@@ -65,8 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--math_test_file", type=Path, default=TEST_FILES["math"],
                    help="MATH-500 by default (its order mixes subjects and levels, so a slice is a fair sample); "
                         "data/MATH_test.jsonl is the 5000-problem test set of the published table")
-    t.add_argument("--eval_max_tokens", type=int, default=256)
+    t.add_argument("--eval_max_tokens", type=int, default=224)
     t.add_argument("--eval_args", default="", help="more eval_*.py arguments, e.g. '--tensor_parallel_size 4'")
+    p.add_argument("--dtype", choices=CHOICES, default=None,
+                   help=f"vLLM dtype of the embedded server and the evaluations (default: ${ENV_VAR}, else bf16 "
+                        "where the CPU computes it natively, else float32; on a GPU the model's own)")
+    p.add_argument("--progress_interval", type=float, default=30, help="seconds between progress lines of a step")
     args = p.parse_args(argv)
     # Steps run from the repository root: local paths given from elsewhere are made absolute (a hub
     # name such as Qwen/Qwen2.5-7B is left as it is).
@@ -86,6 +95,7 @@ class Chain:
         self.done_dir.mkdir(exist_ok=True)
         self.server_state = self.run_dir / "server.json"
         self.rerun_rest = False
+        self.dtype = resolve_dtype(args.dtype)
 
     def signature(self, command: list[str], env: dict | None) -> str:
         """What a step is, for its done marker: its command and settings, less the server's address
@@ -99,9 +109,10 @@ class Chain:
         marker = self.done_dir / name
         return not self.rerun_rest and marker.exists() and marker.read_text() == self.signature(command, env)
 
-    def step(self, name: str, command: list[str], env: dict | None = None, ok_codes=(0,)) -> None:
-        """Run one step unless it is done with the same settings; its output goes to logs/NAME.log.
-        Once a step runs, every later one runs too (its inputs may have changed)."""
+    def step(self, name: str, command: list[str], env: dict | None = None, ok_codes=(0,), hint: str = "") -> None:
+        """Run one step unless it is done with the same settings; its output goes to logs/NAME.log, and
+        its latest progress line to the console every --progress_interval seconds. Once a step runs,
+        every later one runs too (its inputs may have changed). `hint` is added to a failure's message."""
         if self.is_done(name, command, env):
             print(f"[chain] {name}: done before, skipped")
             return
@@ -112,15 +123,31 @@ class Chain:
         with log.open("w") as out:
             out.write("$ " + " ".join(command) + "\n")
             out.flush()
-            code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **(env or {})}).returncode
+            process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            code = self.watch(name, process, log, started)
         if code not in ok_codes:
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
             raise UserError(f"step {name} failed (exit {code}) after {time.time() - started:.0f} s; the last lines "
-                            f"of {log}:\n{tail}\nEverything finished so far is kept under {self.run_dir}; "
+                            f"of {log}:\n{tail}\n{hint}Everything finished so far is kept under {self.run_dir}; "
                             f"fix the cause and run the same command again to resume from {name}.")
         (self.done_dir / name).write_text(self.signature(command, env))
         print(f"[chain] {name}: done in {time.time() - started:.0f} s", flush=True)
+
+    def watch(self, name: str, process: subprocess.Popen, log: Path, started: float) -> int:
+        """Wait for a step's process, printing its latest progress line every --progress_interval seconds."""
+        try:
+            while True:
+                try:
+                    return process.wait(timeout=self.args.progress_interval)
+                except subprocess.TimeoutExpired:
+                    quiet = time.time() - log.stat().st_mtime
+                    note = f" (no output for {quiet:.0f} s)" if quiet > self.args.progress_interval else ""
+                    print(f"[chain] {name}: {time.time() - started:.0f} s{note}: {latest_line(log)}", flush=True)
+        except BaseException:  # Ctrl-C or a crash here: the step must not run on unwatched
+            process.kill()
+            process.wait()
+            raise
 
     def py(self, script: str, *args) -> list[str]:
         return [sys.executable, script, *map(str, args)]
@@ -143,8 +170,12 @@ class Chain:
 
     def stage_args(self, url: str) -> list[str]:
         a = self.args
+        # A local server answers a request once those before it in its batch are done: it may take as
+        # long as the stall watchdog allows, where a request re-sent on a shorter timeout would start over.
+        timeout = [] if a.llm_url else ["--timeout", a.stall_timeout]
         return ["--base_url", url, "--model", self.llm_model(), "--temperature", a.temperature, "--max_tokens",
-                a.max_tokens, "--concurrency", a.concurrency, "--answer_format", a.answer_format]
+                a.max_tokens, "--concurrency", a.concurrency, "--answer_format", a.answer_format, "--stall_timeout",
+                a.stall_timeout, *timeout]
 
     def generation_steps(self, slices: list[Path], url: str) -> list[tuple[str, list[str], tuple]]:
         """(name, command, exit codes that count as success) of each generation stage."""
@@ -169,10 +200,10 @@ class Chain:
             for name, _, _ in planned:
                 print(f"[chain] {name}: done before, skipped")
         else:
-            url = self.start_llm()
+            url, hint = self.start_llm()
             try:
                 for name, command, ok_codes in self.generation_steps(slices, url):
-                    self.step(name, command, ok_codes=ok_codes)
+                    self.step(name, command, ok_codes=ok_codes, hint=hint)
             finally:
                 self.stop_llm()
         dataset = self.run_dir / "dataset"
@@ -186,14 +217,17 @@ class Chain:
                             f"{gen}/*.stats.json). Raise --num_samples, --n_gsm8k or --n_math, or use a "
                             f"stronger --llm_url; finished requests are cached, so a rerun only sends new ones.")
 
-    def start_llm(self) -> str:
-        """The generation server's URL: --llm_url, or the embedded server, started now."""
+    def start_llm(self) -> tuple[str, str]:
+        """The generation server's URL (--llm_url, or the embedded server, started now) and what to say
+        about it when a stage fails."""
         if self.args.llm_url:
-            return self.args.llm_url
+            return self.args.llm_url, ""
         from personamath.serve import start
 
-        print("[chain] starting the embedded LLM server", flush=True)
-        return start(state=self.server_state)["url"]
+        print(f"[chain] starting the embedded LLM server ({self.dtype.dtype})", flush=True)
+        info = start(state=self.server_state, dtype=self.dtype.dtype)
+        return info["url"], (f"The embedded server served in {info['dtype']} ({info['dtype_reason']}; --dtype "
+                             f"overrides it); its log: {info['log']}\n")
 
     def llm_model(self) -> str:
         from personamath.serve import SERVED_NAME
@@ -229,7 +263,7 @@ class Chain:
                 self.step(f"eval_{role}_{task}", self.py(f"eval_{task}.py", "--model", model, "--data_file", data,
                                                          "--limit", count, "--max_tokens", a.eval_max_tokens,
                                                          "--output_dir", self.run_dir / "eval" / label / task,
-                                                         *shlex.split(a.eval_args)))
+                                                         "--dtype", self.dtype.dtype, *shlex.split(a.eval_args)))
 
     def run(self) -> None:
         started = time.time()
@@ -239,6 +273,15 @@ class Chain:
         self.evaluate("trained", trained)
         subprocess.run(self.py("report.py", "--run_dir", self.run_dir), cwd=ROOT, check=True)
         print(f"[chain] finished in {time.time() - started:.0f} s; everything is under {self.run_dir}")
+
+
+def latest_line(log: Path, limit: int = 240) -> str:
+    """The last line a step wrote (a progress bar's latest state: bars redraw with carriage returns)."""
+    with log.open("rb") as f:
+        f.seek(max(0, log.stat().st_size - 8192))
+        text = f.read().decode(errors="replace")
+    lines = [line.strip() for line in re.split(r"[\r\n]", ANSI_ESCAPE.sub("", text)) if line.strip()]
+    return lines[-1][:limit] if lines else "(no output yet)"
 
 
 def easiest(task: str, rows: list[dict]) -> list[dict]:

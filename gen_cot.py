@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     try:
         result = asyncio.run(run_items(
             questions, lambda q: solve_question(llm, grader, q[0], q[1], args.num_samples), llm, "gen_cot",
+            max_requests_per_item=args.num_samples, stall_timeout=args.stall_timeout,
             item_id=lambda q: f"{q[0]}/{q[1].id}"))
     finally:
         grader.close()

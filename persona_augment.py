@@ -60,8 +60,9 @@ def main(argv=None) -> int:
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:
-        result = asyncio.run(run_items(rows, lambda row: persona_variants(llm, grader, row, pool, args.k, args.persona_seed,
-                                                                           "persona"), llm, "persona_augment"))
+        result = asyncio.run(run_items(
+            rows, lambda row: persona_variants(llm, grader, row, pool, args.k, args.persona_seed, "persona"), llm,
+            "persona_augment", max_requests_per_item=2 * args.k + (pool is None), stall_timeout=args.stall_timeout))
     finally:
         grader.close()
     return write_stage(output_dir, "persona", result, llm, rejected_name="persona_rejected", rows_required=False,

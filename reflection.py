@@ -77,15 +77,18 @@ def main(argv=None) -> int:
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:
         corrected = asyncio.run(run_items(failed, lambda row: correct_question(llm, grader, row, args.format),
-                                          llm, "reflection"))
+                                          llm, "reflection", max_requests_per_item=1,
+                                          stall_timeout=args.stall_timeout))
         status = write_stage(output_dir, "reflection", corrected, llm, rejected_name="reflection_failed",
                              rows_required=False, extra={"format": args.format, "prompt_version": REFLECT.version})
         if status != 0:
             return status
         # Phase 2 runs even over no corrected question, so that all four outputs always exist.
         llm.ledger = Ledger(model=llm.model, price=llm.ledger.price)  # phase 2 gets its own account
+        # each rewrite: rewrite, solve and, when wrong, reflect
         augmented = asyncio.run(run_items(corrected.kept, lambda row: augment_corrected(llm, grader, row, pool, args),
-                                          llm, "reflection_persona"))
+                                          llm, "reflection_persona", max_requests_per_item=3 * args.k + (pool is None),
+                                          stall_timeout=args.stall_timeout))
     finally:
         grader.close()
     return write_stage(output_dir, "reflection_persona", augmented, llm, rejected_name="reflection_persona_rejected",

@@ -4,6 +4,7 @@ Converted once to a HuggingFace folder (safetensors + tokenizer) under .cache/, 
 the Trainer fine-tunes. `python -m personamath.embedded_model` converts if needed and prints the folder.
 """
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -24,9 +25,18 @@ def gguf_path() -> Path:
     return path
 
 
+def is_converted(target: Path) -> bool:
+    """A finished conversion in float32 (folders from before the weights were kept in float32 are redone)."""
+    config = target / "config.json"
+    if not config.is_file() or not (target / "model.safetensors").is_file():
+        return False
+    stored = json.loads(config.read_text())
+    return stored.get("dtype", stored.get("torch_dtype")) == "float32"
+
+
 def ensure_embedded_model(target: Path = DEFAULT_DIR) -> Path:
     """The HuggingFace folder of the embedded model, converting the GGUF file on first use."""
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if is_converted(target):
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,8 +52,8 @@ def ensure_embedded_model(target: Path = DEFAULT_DIR) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    # Stored in bf16, the dtype vLLM serves it in (2.5x the fp32 speed on this CPU); training upcasts.
-    model.to(torch.bfloat16)
+    # Stored in float32, the dequantized weights exactly: the fp32 path (CPUs without native bf16, and
+    # training) reads them unchanged, and a bf16 server rounds them once, as it loads them.
     # Written beside the target and renamed into place, so an interrupted conversion leaves no half folder.
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)

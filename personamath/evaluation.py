@@ -15,6 +15,7 @@ from . import grader
 from .data import Problem, load_problems
 from .errors import UserError, exit_on_user_error
 from .jsonl import read_jsonl, write_json, write_jsonl, write_text
+from .precision import CHOICES, ENV_VAR
 from .prompts import load_prompt, model_input
 
 # The authors' template ends in "### Response: Let's think step by step."; a model that goes on to
@@ -36,6 +37,9 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None,
                    help="sequences vLLM runs at once (max_num_seqs); all prompts go in one generate call")
     p.add_argument("--tensor_parallel_size", type=int, default=1)
+    p.add_argument("--dtype", choices=CHOICES, default=None,
+                   help=f"vLLM dtype (default: ${ENV_VAR}, else on a CPU bf16 where it computes bf16 natively, "
+                        "else float32; on a GPU the model's own)")
     p.add_argument("--output_dir", help="where outputs go (default: runs/eval/<task>/<model>-<time>)")
     p.add_argument("--max_tokens", type=int, default=4096,
                    help="generation budget, capped by the model's context")
@@ -121,7 +125,8 @@ def _generate(task: str, problems: list[Problem], args, llm) -> tuple[list[dict]
     from .inference import make_llm, sampling_params
 
     own_engine = llm is None
-    llm = llm or make_llm(args.model, args.tensor_parallel_size, args.batch_size, args.seed)
+    llm = llm or make_llm(args.model, args.tensor_parallel_size, args.batch_size, args.seed, args.dtype,
+                          in_process=True)
     tokenizer = llm.get_tokenizer()
     prompt = load_prompt(PROMPTS[args.prompt])
     chat = args.prompt == "chat"
@@ -136,6 +141,7 @@ def _generate(task: str, problems: list[Problem], args, llm) -> tuple[list[dict]
                             f"model's context of {context}")
     params = [sampling_params(min(args.max_tokens, context - len(ids)), stop, args.seed) for ids in token_ids]
 
+    dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     started = time.time()
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=True)
     wall_s = time.time() - started
@@ -154,7 +160,8 @@ def _generate(task: str, problems: list[Problem], args, llm) -> tuple[list[dict]
                   "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": args.max_tokens,
                                "stop": stop, "seed": args.seed},
                   "data_file": str(args.data_file), "start": args.start, "end": args.end,
-                  "limit": args.limit, "tensor_parallel_size": args.tensor_parallel_size}
+                  "limit": args.limit, "tensor_parallel_size": args.tensor_parallel_size,
+                  "dtype": dtype}
     return rows, generation
 
 
@@ -226,7 +233,7 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"- re-graded from: `{gen['regraded_from']}`")
     else:
         lines += [f"- data: `{gen['data_file']}` (start {gen['start']}, limit {gen['limit']})",
-                  f"- prompt: `{gen['prompt_version']}`; sampling: {gen['sampling']}"]
+                  f"- prompt: `{gen['prompt_version']}`; sampling: {gen['sampling']}; dtype: {gen.get('dtype')}"]
     lines += ["", "| grader | correct | n | accuracy (%) | no answer extracted |", "|---|---|---|---|---|"]
     for g in graders:
         lines.append(f"| {g} | {summary['correct'][g]} | {summary['n']} | {_pct(summary['accuracy'][g])} "

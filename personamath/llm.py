@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,6 +27,11 @@ PRICES_FILE = Path(__file__).resolve().parent.parent / "configs" / "prices.json"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 CHARS_PER_TOKEN = 4  # for --dry_run estimates only: a rough average for English and LaTeX
+
+
+# The request counter of the item being worked on (pipeline.run_items sets one per item): every
+# request that item makes, answered by the server or the cache, counts on it.
+ITEM_REQUESTS: ContextVar[list[int] | None] = ContextVar("item_requests", default=None)
 
 
 class LLMError(Exception):
@@ -125,6 +132,9 @@ def add_llm_args(parser) -> None:
                                                    "the API key is read from $OPENAI_API_KEY only")
     g.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request before it is retried")
+    g.add_argument("--stall_timeout", type=float, default=300.0,
+                   help="stop (exit 5, everything answered kept) when the server answers none of the requests "
+                        "waiting on it for this many seconds")
     g.add_argument("--max_retries", type=int, default=6, help="retries per request (429, 5xx, timeouts, broken answers)")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--max_tokens", type=int, default=2048)
@@ -160,6 +170,9 @@ class LLMClient:
         self._semaphore = None  # made inside the running event loop
         self._client = None
         self._api_key, self._timeout = api_key, args.timeout
+        self.on_reply = None  # called with every Reply, cached or not (the stage's progress)
+        self.in_flight = 0  # requests sent and not answered yet
+        self.waiting_since = time.monotonic()  # the last answer from the server, or when requests began waiting
 
     def _ensure_client(self):
         if self._client is None:
@@ -176,9 +189,13 @@ class LLMClient:
     async def chat(self, messages: list[dict], *, sample: int = 0, kind: str = "chat") -> Reply:
         """One chat completion: from the cache when it is there, else from the server (and then cached)."""
         key = self.key(messages, sample)
+        counter = ITEM_REQUESTS.get()
+        if counter is not None:
+            counter[0] += 1
         cached = self.cache.get(key)
         if cached is not None:
             self.ledger.cache_hits += 1
+            self._answered(cached)
             return cached
         if self.max_cost is not None and self.spent >= self.max_cost:
             raise BudgetExceeded(f"--max_cost ${self.max_cost} reached")
@@ -186,13 +203,29 @@ class LLMClient:
         async with self._semaphore:
             self.ledger.requests += 1
             self.ledger.by_kind[kind] = self.ledger.by_kind.get(kind, 0) + 1
-            reply = await self._request(client, messages, sample)
+            if not self.in_flight:
+                self.waiting_since = time.monotonic()
+            self.in_flight += 1
+            try:
+                reply = await self._request(client, messages, sample)
+            finally:  # answered, or failed for good: either way the server is not stuck on it
+                self.in_flight -= 1
+                self.waiting_since = time.monotonic()
         self.ledger.prompt_tokens += reply.prompt_tokens
         self.ledger.completion_tokens += reply.completion_tokens
         self.ledger.truncated += reply.finish_reason == "length"
         self.spent += cost_of(self.ledger.price, reply.prompt_tokens, reply.completion_tokens) or 0.0
         self.cache.put(key, reply)
+        self._answered(reply)
         return reply
+
+    def _answered(self, reply: Reply) -> None:
+        if self.on_reply is not None:
+            self.on_reply(reply)
+
+    def stalled_for(self) -> float:
+        """Seconds that requests have been waiting with no answer from the server (0 when none waits)."""
+        return time.monotonic() - self.waiting_since if self.in_flight else 0.0
 
     async def _request(self, client, messages: list[dict], sample: int) -> Reply:
         import openai

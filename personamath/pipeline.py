@@ -12,17 +12,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from . import grader, parser
 from .errors import UserError
 from .jsonl import iter_jsonl, write_json, write_jsonl
-from .llm import BudgetExceeded, LLMClient, LLMError, add_llm_args
+from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, add_llm_args
+from .progress import RequestProgress
 from .prompts import load_prompt
 
 SOLVE, REWRITE, PROPOSE, REFLECT = (load_prompt(n) for n in ("solve", "rewrite_persona", "propose_personas", "reflect"))
 EXIT_BUDGET = 3  # --max_cost reached: outputs hold what finished, a rerun with a higher budget goes on
 EXIT_FAILED_REQUESTS = 4  # some requests failed after every retry: a rerun retries just those
+EXIT_STALLED = 5  # the server answered nothing for --stall_timeout: outputs hold what finished, a rerun resumes
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -209,19 +209,36 @@ class StageResult:
     rejected: list[dict]
     inputs: int
     attempted: int
-    finished: int  # items done; fewer than inputs when the budget stopped the run
+    finished: int  # items done; fewer than inputs when the budget or the stall watchdog stopped the run
     failed_ids: list[str]  # items whose requests failed after every retry: not graded, retried by a rerun
+    stalled: str | None = None  # why the stall watchdog stopped the run
 
 
-async def run_items(items: list, work, llm: LLMClient, desc: str, item_id=lambda item: item["id"]) -> StageResult:
-    """Run `work` over every item concurrently (the client bounds requests in flight), in input order."""
+class Stalled(Exception):
+    """The server answered no request for --stall_timeout seconds while some waited."""
+
+
+async def _watch_for_stall(llm: LLMClient, timeout: float) -> None:
+    while True:
+        await asyncio.sleep(min(1.0, timeout / 4))
+        if llm.stalled_for() > timeout:
+            raise Stalled(f"the server at {llm.base_url} answered none of the {llm.in_flight} requests waiting on it "
+                          f"in {timeout:.0f} s (--stall_timeout)")
+
+
+async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_per_item: int,
+                    stall_timeout: float, item_id=lambda item: item["id"]) -> StageResult:
+    """Run `work` over every item concurrently (the client bounds requests in flight), in input order.
+    `max_requests_per_item` (the most requests one item can make) sizes the progress bar. If the
+    server answers nothing for `stall_timeout` seconds, the run stops with what finished."""
     outcomes: list[Outcome | None] = [None] * len(items)
     failed_ids = []
-    kept = 0
-    progress = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True)
+    progress = RequestProgress(desc, len(items), max_requests_per_item)
+    llm.on_reply = lambda reply: progress.request_done(reply.completion_tokens, reply.cached)
 
     async def one(i, item):
-        nonlocal kept
+        requests = [0]
+        ITEM_REQUESTS.set(requests)  # this item's task (and the tasks it starts) count on it
         try:
             outcomes[i] = await work(item)
         except BudgetExceeded:
@@ -230,20 +247,29 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, item_id=lambda
             failed_ids.append(item_id(item))
             outcomes[i] = Outcome()
             progress.write(f"{desc}: {item_id(item)}: {err}")
-        kept += len(outcomes[i].kept)
-        progress.update()
-        progress.set_postfix_str(f"kept {kept}, requests {llm.ledger.requests}, cached {llm.ledger.cache_hits}, "
-                                 f"spend {llm.ledger.spend_text()}", refresh=False)
+        progress.item_done(requests[0], len(outcomes[i].kept))
 
+    stalled = None
+    watchdog = asyncio.ensure_future(_watch_for_stall(llm, stall_timeout))
+    everything = asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
     try:
-        await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+        await asyncio.wait([everything, watchdog], return_when=asyncio.FIRST_COMPLETED)
+        if watchdog.done():
+            stalled = str(watchdog.exception())
+            everything.cancel()  # what is in flight is dropped; everything answered is in the cache
+            await asyncio.gather(everything, return_exceptions=True)
+        else:
+            watchdog.cancel()
+            await everything  # re-raises what an item raised
     finally:
+        watchdog.cancel()
+        llm.on_reply = None
         progress.close()
         await llm.aclose()
     done = [o for o in outcomes if o is not None]
     return StageResult(kept=[r for o in done for r in o.kept], rejected=[r for o in done for r in o.rejected],
                        inputs=len(items), attempted=sum(o.attempted for o in done), finished=len(done),
-                       failed_ids=failed_ids)
+                       failed_ids=failed_ids, stalled=stalled)
 
 
 def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient, rejected_name: str,
@@ -255,13 +281,20 @@ def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient
     stats = {"stage": name, "inputs": result.inputs, "attempted": result.attempted, "kept": len(result.kept),
              "yield": len(result.kept) / result.attempted if result.attempted else 0.0,
              "finished_items": result.finished, "complete": complete,
-             "request_failed_ids": result.failed_ids, "model": llm.model, "ledger": llm.ledger.as_dict(),
+             "request_failed_ids": result.failed_ids, "stalled": result.stalled, "model": llm.model, "ledger": llm.ledger.as_dict(),
              **(extra or {})}
     write_json(output_dir / f"{name}.stats.json", stats)
     print(f"{name}: kept {len(result.kept)} of {result.attempted} attempted ({100 * stats['yield']:.1f}%) "
           f"from {result.inputs} inputs; requests sent {llm.ledger.requests}, cached {llm.ledger.cache_hits}, "
           f"failed {llm.ledger.failed}; tokens {llm.ledger.prompt_tokens} in, {llm.ledger.completion_tokens} out; "
           f"spend {llm.ledger.spend_text()} -> {output_dir / (name + '.jsonl')}")
+    if result.stalled:
+        print(f"{name}: stopped: {result.stalled}. Nothing answered is lost: {result.finished} of {result.inputs} "
+              f"items finished and every answer is cached, so the same command resumes. Check that the server is "
+              f"alive and see its log; a server that runs but answers nothing is often a CPU without native bf16 "
+              f"serving in bf16 (serve in float32: --dtype float32), or more requests in flight than it can "
+              f"finish in that time (lower --concurrency or --max_tokens, or raise --stall_timeout)", file=sys.stderr)
+        return EXIT_STALLED
     if not complete:
         print(f"{name}: stopped at --max_cost after {result.finished} of {result.inputs} items; "
               f"rerun with a higher --max_cost to go on (finished work is cached)", file=sys.stderr)

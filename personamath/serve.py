@@ -1,6 +1,6 @@
 """The embedded local LLM: vLLM's OpenAI-compatible server on 127.0.0.1 with the embedded SmolLM2.
 
-    python -m personamath.serve start [--model DIR] [--state FILE]   # prints the base URL
+    python -m personamath.serve start [--model DIR] [--state FILE] [--dtype D]   # prints the base URL
     python -m personamath.serve stop [--state FILE]
 
 The stages reach it with `--base_url URL --model SmolLM2-135M-Instruct`. The server runs detached;
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .embedded_model import DEFAULT_DIR, ensure_embedded_model
 from .errors import UserError, exit_on_user_error
+from .precision import CHOICES, ENV_VAR, resolve_dtype
 
 SERVED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_STATE = Path("runs/server.json")
@@ -31,16 +32,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(model: Path, port: int, served_name: str) -> list[str]:
+def server_command(model: Path, port: int, served_name: str, dtype: str) -> list[str]:
     from .inference import on_cpu
 
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-               "--seed", "0", "--disable-uvicorn-access-log"]
+               "--dtype", dtype, "--seed", "0", "--disable-uvicorn-access-log"]
     if on_cpu():
         # The same settings as inference.cpu_engine_settings(); with chunked prefill, a per-request
         # seed kills the CPU engine.
-        command += ["--enforce-eager", "--no-enable-chunked-prefill"]
+        command += ["--enforce-eager", "--no-enable-chunked-prefill", "--distributed-executor-backend", "uni"]
     return command
 
 
@@ -53,12 +54,15 @@ def _healthy(url: str) -> bool:
 
 
 def start(model: Path = DEFAULT_DIR, state: Path = DEFAULT_STATE, served_name: str = SERVED_NAME,
-          timeout: float = 600) -> dict:
-    """Start the server detached and wait until it answers; return its state (pid, url, model, log)."""
+          timeout: float = 600, dtype: str | None = None) -> dict:
+    """Start the server detached and wait until it answers; return its state (pid, url, model, log,
+    dtype and the reason for it). `dtype` None or "auto": chosen by precision.choose_dtype()."""
+    choice = resolve_dtype(dtype)
     if state.exists():
         running = json.loads(state.read_text())
-        if _healthy(running["url"]):
+        if _healthy(running["url"]) and running.get("dtype") == choice.dtype:
             return running
+        stop(state)
     model = ensure_embedded_model(model) if model == DEFAULT_DIR else model
     if not (model / "config.json").is_file():
         raise UserError(f"model {model}: not a model directory")
@@ -67,9 +71,10 @@ def start(model: Path = DEFAULT_DIR, state: Path = DEFAULT_STATE, served_name: s
     log = state.with_suffix(".log")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
     with log.open("w") as log_file:
-        process = subprocess.Popen(server_command(model, port, served_name), stdout=log_file,
+        process = subprocess.Popen(server_command(model, port, served_name, choice.dtype), stdout=log_file,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    info = {"pid": process.pid, "url": f"http://127.0.0.1:{port}/v1", "model": served_name, "log": str(log)}
+    info = {"pid": process.pid, "url": f"http://127.0.0.1:{port}/v1", "model": served_name, "log": str(log),
+            "dtype": choice.dtype, "dtype_reason": choice.reason}
     deadline = time.time() + timeout
     while not _healthy(info["url"]):
         if process.poll() is not None or time.time() > deadline:
@@ -102,8 +107,8 @@ def stop(state: Path = DEFAULT_STATE) -> None:
 
 
 @contextmanager
-def embedded_server(state: Path, model: Path = DEFAULT_DIR):
-    info = start(model, state)
+def embedded_server(state: Path, model: Path = DEFAULT_DIR, dtype: str | None = None):
+    info = start(model, state, dtype=dtype)
     try:
         yield info
     finally:
@@ -115,10 +120,12 @@ def main() -> None:
     p.add_argument("action", choices=["start", "stop"])
     p.add_argument("--model", type=Path, default=DEFAULT_DIR)
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    p.add_argument("--dtype", choices=CHOICES, default=None,
+                   help=f"vLLM dtype (default: ${ENV_VAR}, else bf16 where the CPU computes it natively, else fp32)")
     args = p.parse_args()
     with exit_on_user_error():
         if args.action == "start":
-            print(start(args.model, args.state)["url"])
+            print(start(args.model, args.state, dtype=args.dtype)["url"])
         else:
             stop(args.state)
 
