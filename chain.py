@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--slice", choices=["easy", "first"], default="easy",
                    help="easy: the questions with the shortest reference solutions (GSM8K: fewest steps; MATH: "
                         "level 1), where a small model has a chance; first: the files' first questions")
-    g.add_argument("--num_samples", type=int, default=4, help="gen_cot attempts per question")
+    g.add_argument("--num_samples", type=int, default=3, help="gen_cot attempts per question")
     g.add_argument("--k1", type=int, default=2, help="persona rewrites per solved question")
     g.add_argument("--k2", type=int, default=2, help="persona rewrites per question corrected by reflection")
     g.add_argument("--reflect_limit", type=int, default=8, help="reflect on at most this many failed questions "
@@ -225,7 +225,7 @@ class Chain:
         from personamath.serve import start
 
         print(f"[chain] starting the embedded LLM server ({self.dtype.dtype})", flush=True)
-        info = start(state=self.server_state, dtype=self.dtype.dtype)
+        info = start(state=self.server_state, dtype=self.args.dtype)
         return info["url"], (f"The embedded server served in {info['dtype']} ({info['dtype_reason']}; --dtype "
                              f"overrides it); its log: {info['log']}\n")
 
@@ -263,7 +263,11 @@ class Chain:
                 self.step(f"eval_{role}_{task}", self.py(f"eval_{task}.py", "--model", model, "--data_file", data,
                                                          "--limit", count, "--max_tokens", a.eval_max_tokens,
                                                          "--output_dir", self.run_dir / "eval" / label / task,
-                                                         "--dtype", self.dtype.dtype, *shlex.split(a.eval_args)))
+                                                         *self.dtype_args(), *shlex.split(a.eval_args)))
+
+    def dtype_args(self) -> list[str]:
+        """--dtype as given: without one, each vLLM engine makes the same choice as self.dtype, and says why."""
+        return ["--dtype", self.args.dtype] if self.args.dtype else []
 
     def run(self) -> None:
         started = time.time()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .embedded_model import DEFAULT_DIR, ensure_embedded_model
 from .errors import UserError, exit_on_user_error
+from .inference import cpu_engine_env, on_cpu
 from .precision import CHOICES, ENV_VAR, resolve_dtype
 
 SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -33,8 +34,6 @@ def free_port() -> int:
 
 
 def server_command(model: Path, port: int, served_name: str, dtype: str) -> list[str]:
-    from .inference import on_cpu
-
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
                "--dtype", dtype, "--seed", "0", "--disable-uvicorn-access-log"]
@@ -69,7 +68,7 @@ def start(model: Path = DEFAULT_DIR, state: Path = DEFAULT_STATE, served_name: s
     port = free_port()
     state.parent.mkdir(parents=True, exist_ok=True)
     log = state.with_suffix(".log")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+    env = {**os.environ, **(cpu_engine_env() if on_cpu() else {})}
     with log.open("w") as log_file:
         process = subprocess.Popen(server_command(model, port, served_name, choice.dtype), stdout=log_file,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)

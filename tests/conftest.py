@@ -32,8 +32,9 @@ def vllm_engine(embedded_model):
 
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory, embedded_model):
-    """vLLM's OpenAI-compatible server on the embedded model, on a free loopback port, for the session."""
+    """vLLM's OpenAI-compatible server on the embedded model, on a free loopback port, for the session;
+    in float32 whatever the CPU, the path every machine can take."""
     from personamath.serve import embedded_server as serve
 
-    with serve(tmp_path_factory.mktemp("server") / "server.json", embedded_model) as info:
+    with serve(tmp_path_factory.mktemp("server") / "server.json", embedded_model, dtype="float32") as info:
         yield info

@@ -64,3 +64,18 @@ def test_persona_and_reflection_real_model(tmp_path, embedded_server):
     corrected, still_wrong = read_jsonl(out / "reflection.jsonl"), read_jsonl(out / "reflection_failed.jsonl")
     assert len(corrected) + len(still_wrong) == 2
     assert stats(out, "reflection")["ledger"]["by_kind"] == {"reflect": 2}
+
+
+def test_embedded_server_answers_in_float32(embedded_server, embedded_model):
+    """The server the stages use on a CPU without native bf16: float32 weights, served in float32."""
+    from openai import OpenAI
+
+    config = json.loads((embedded_model / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"  # stored as dequantized, exactly
+    assert embedded_server["dtype"] == "float32"
+    log = open(embedded_server["log"]).read()
+    assert "dtype=torch.float32" in log
+    client = OpenAI(base_url=embedded_server["url"], api_key="EMPTY", timeout=120, max_retries=0)
+    reply = client.chat.completions.create(model=embedded_server["model"], max_tokens=16, temperature=0,
+                                           messages=[{"role": "user", "content": "What is 2 + 2?"}])
+    assert reply.choices[0].message.content.strip() and reply.usage.completion_tokens > 0

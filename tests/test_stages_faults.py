@@ -1,6 +1,8 @@
 """The three generation stages against the fault-injecting fake server over real HTTP: transient faults
 change nothing, a kill -9 costs at most the requests in flight, budgets stop cleanly, keys stay secret."""
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,3 +218,55 @@ def test_only_stated_answers_that_solve_the_problem_are_kept():
     finally:
         boxed.close()
         stated.close()
+
+
+PROGRESS_LINE = re.compile(r"^gen_cot: +(\d+)%\|.*\| (\d+)/(\d+) \[.*kept (\d+), [\d.]+ output tok/s\]$", re.M)
+
+
+def test_progress_counts_requests_and_total_shrinks_to_what_was_needed(tmp_path, reference):
+    """The bar advances per request (cached or sent), not per question, and its upper bound falls to
+    the requests actually needed as questions are solved before their last attempt."""
+    _, expected, ref_requests = reference
+    script, extra, names = STAGES[0]
+    with server() as srv:
+        result = run_stage(script, srv, tmp_path, extra)
+    lines = PROGRESS_LINE.findall(result.stderr)
+    assert lines, result.stderr[-2000:]
+    first_total, (percent, done, total, kept) = int(lines[0][2]), lines[-1]
+    assert first_total == 2 * 2 * N_PER_SOURCE  # --num_samples 2 for every question, at first
+    assert (percent, done, total) == ("100", str(ref_requests[script]), str(ref_requests[script]))
+    assert int(total) < first_total and int(kept) == len(expected["cot"])
+
+
+def test_stall_watchdog_stops_keeps_what_finished_and_rerun_resumes(tmp_path, reference):
+    """A server that stays up but answers nothing (as a bf16 server does on a CPU without native bf16):
+    the stage stops after --stall_timeout with a message naming the cause, keeps every answered item,
+    and the same command then finishes sending only what was never answered."""
+    _, expected, ref_requests = reference
+    script, extra, names = STAGES[0]
+    answered = 10
+    command = [*extra, "--stall_timeout", "3"]
+    with server(stall_after=answered) as srv:
+        started = time.time()
+        stopped = subprocess.run([sys.executable, script, *flags(srv, tmp_path, concurrency=4), "--timeout", "120",
+                                  *command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        took = time.time() - started
+    assert stopped.returncode == 5, stopped.stderr[-2000:]
+    assert took < 60  # the watchdog, not the 120 s request timeout (times 7 attempts), ended it
+    message = stopped.stderr
+    assert "answered none of the 4 requests waiting on it in 3 s (--stall_timeout)" in message
+    assert "--dtype float32" in message and "the same command resumes" in message
+    stats = json.loads((tmp_path / "cot.stats.json").read_text())
+    assert stats["complete"] is False and "--stall_timeout" in stats["stalled"]
+    partial = {n: read_jsonl(tmp_path / f"{n}.jsonl") for n in names}
+    finished = partial["cot"] + partial["cot_failed"]
+    assert 0 < len(finished) == stats["finished_items"] < 2 * N_PER_SOURCE
+    for name in names:  # what finished is exactly what a run that never stalled wrote for those items
+        ids = {r["id"] for r in partial[name]}
+        assert partial[name] == [r for r in expected[name] if r["id"] in ids]
+
+    with server() as srv:
+        run_stage(script, srv, tmp_path, command)
+        resent = srv.stats()["requests"]
+    assert outputs(tmp_path, names) == {n: expected[n] for n in names}
+    assert resent == ref_requests[script] - answered  # every answer before the stall came from the cache
