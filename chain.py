@@ -225,7 +225,12 @@ class Chain:
         from personamath.serve import start
 
         print(f"[chain] starting the embedded LLM server ({self.dtype.dtype})", flush=True)
-        info = start(state=self.server_state, dtype=self.args.dtype)
+        # On the port it had before, when free: the stages' cache is keyed by the server's URL, so a
+        # resumed run finds the answers of the one before.
+        port_file = self.run_dir / "server.port"
+        port = int(port_file.read_text()) if port_file.exists() else None
+        info = start(state=self.server_state, dtype=self.args.dtype, port=port)
+        port_file.write_text(info["url"].split(":")[-1].removesuffix("/v1"))
         return info["url"], (f"The embedded server served in {info['dtype']} ({info['dtype_reason']}; --dtype "
                              f"overrides it); its log: {info['log']}\n")
 

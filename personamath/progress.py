@@ -36,12 +36,15 @@ class RequestProgress:
         self.output_tokens = 0  # generated this run (cached answers are not)
         self.started = time.monotonic()
         self.bar = tqdm(total=items * max_requests_per_item, desc=desc, unit="req", dynamic_ncols=tty,
-                        mininterval=0.1 if tty else interval, file=sys.stderr if tty else _Lines(sys.stderr))
-        self._postfix()
+                        mininterval=0.1 if tty else interval, file=sys.stderr if tty else _Lines(sys.stderr),
+                        postfix=self._status())
+
+    def _status(self) -> str:
+        rate = self.output_tokens / max(time.monotonic() - self.started, 1e-9)
+        return f"kept {self.kept}, {rate:.1f} output tok/s"
 
     def _postfix(self) -> None:
-        rate = self.output_tokens / max(time.monotonic() - self.started, 1e-9)
-        self.bar.set_postfix_str(f"kept {self.kept}, {rate:.1f} output tok/s", refresh=False)
+        self.bar.set_postfix_str(self._status(), refresh=False)
 
     def request_done(self, completion_tokens: int, cached: bool) -> None:
         if not cached:

@@ -27,10 +27,16 @@ SERVED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_STATE = Path("runs/server.json")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(preferred: int | None = None) -> int:
+    """`preferred` when it is free, else any free port on 127.0.0.1."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise UserError("no free port on 127.0.0.1")
 
 
 def server_command(model: Path, port: int, served_name: str, dtype: str) -> list[str]:
@@ -53,9 +59,11 @@ def _healthy(url: str) -> bool:
 
 
 def start(model: Path = DEFAULT_DIR, state: Path = DEFAULT_STATE, served_name: str = SERVED_NAME,
-          timeout: float = 600, dtype: str | None = None) -> dict:
+          timeout: float = 600, dtype: str | None = None, port: int | None = None) -> dict:
     """Start the server detached and wait until it answers; return its state (pid, url, model, log,
-    dtype and the reason for it). `dtype` None or "auto": chosen by precision.choose_dtype()."""
+    dtype and the reason for it). `dtype` None or "auto": chosen by precision.choose_dtype(). `port`:
+    the one to use if it is free (the response cache is keyed by the URL, so a server restarted on the
+    same port finds its earlier answers)."""
     choice = resolve_dtype(dtype)
     if state.exists():
         running = json.loads(state.read_text())
@@ -65,7 +73,7 @@ def start(model: Path = DEFAULT_DIR, state: Path = DEFAULT_STATE, served_name: s
     model = ensure_embedded_model(model) if model == DEFAULT_DIR else model
     if not (model / "config.json").is_file():
         raise UserError(f"model {model}: not a model directory")
-    port = free_port()
+    port = free_port(port)
     state.parent.mkdir(parents=True, exist_ok=True)
     log = state.with_suffix(".log")
     env = {**os.environ, **(cpu_engine_env() if on_cpu() else {})}

@@ -2,6 +2,7 @@
 yields are known, unlike the embedded model's), then real training under ZeRO-2 and real vLLM
 evaluation of a tiny model, then report.py. Counts must agree from each stage to the next."""
 import json
+import re
 import shutil
 import socket
 
@@ -11,6 +12,7 @@ from conftest import DATA, run_script
 from personamath.data import load_any
 from personamath.fake_server import FakeServerConfig, start_in_thread
 from personamath.jsonl import read_jsonl
+from personamath.precision import choose_dtype
 
 N_GSM8K, N_MATH, N_EVAL = 6, 6, 4
 
@@ -31,8 +33,8 @@ def chain(runs_dir, url, base_model, *extra):
     return run_script("chain.py", "--runs_dir", str(runs_dir), "--name", "small", "--n_gsm8k", str(N_GSM8K),
                       "--n_math", str(N_MATH), "--num_samples", "1", "--k1", "2", "--k2", "2", "--llm_url", url,
                       "--llm_model", "fake-llm", "--base_model", str(base_model), "--epochs", "1",
-                      "--eval_gsm8k", str(N_EVAL), "--eval_math", str(N_EVAL), "--eval_max_tokens", "16", *extra,
-                      timeout=900)
+                      "--eval_gsm8k", str(N_EVAL), "--eval_math", str(N_EVAL), "--eval_max_tokens", "16",
+                      "--progress_interval", "2", *extra, timeout=900)
 
 
 def count(path) -> int:
@@ -88,6 +90,11 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     for plot in ("math_by_level", "math_by_subject", "stage_yields"):
         assert (run / f"plots/{plot}.png").stat().st_size > 1000
     assert "[chain] finished" in result.stdout and "| model | GSM8K paper |" in result.stdout
+    # Live progress: a step that runs longer than --progress_interval shows its latest line on the
+    # console; a stage's own bar counts requests, with kept rows and tokens/s, into its log.
+    assert re.search(r"^\[chain\] train: \d+ s( \(no output for \d+ s\))?: \S", result.stdout, re.M), result.stdout
+    assert re.search(r"^gen_cot: 100%\|.*\| (\d+)/\1 .*kept \d+, [\d.]+ output tok/s", (run / "logs/gen_cot.log")
+                     .read_text(), re.M)
 
     # A rerun finds every step done and only rebuilds the report.
     with start_in_thread(FakeServerConfig(problems=train_problems)) as server:
@@ -109,22 +116,22 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
 
 def test_chain_with_nothing_kept_stops_clearly_and_keeps_what_finished(tmp_path, train_problems, tiny_base):
     config = FakeServerConfig(problems=train_problems, hard_fraction=1.0, hopeless_fraction=1.0)
-    with start_in_thread(config) as server:
+    with start_in_thread(config) as server:  # one server: the stages' cache is keyed by its URL
         result = chain(tmp_path, server.url, tiny_base)
-    assert result.returncode == 2
-    assert "the generation stages kept no row, so there is nothing to train on" in result.stderr
-    run = tmp_path / "small"
-    assert count(run / "gen/cot_failed.jsonl") == N_GSM8K + N_MATH and count(run / "gen/cot.jsonl") == 0
-    assert (run / ".done/gen_cot").exists() and (run / ".done/reflection").exists()
-    assert not (run / "train").exists()
-    # The rerun resumes: the finished stages are skipped, and it stops at the same point.
-    with start_in_thread(config) as server:
+        assert result.returncode == 2
+        assert "the generation stages kept no row, so there is nothing to train on" in result.stderr
+        run = tmp_path / "small"
+        assert count(run / "gen/cot_failed.jsonl") == N_GSM8K + N_MATH and count(run / "gen/cot.jsonl") == 0
+        assert (run / ".done/gen_cot").exists() and (run / ".done/reflection").exists()
+        assert not (run / "train").exists()
+        # The rerun resumes: the finished stages are skipped, and it stops at the same point.
+        server.reset_stats()
         rerun = chain(tmp_path, server.url, tiny_base)
         assert server.stats()["requests"] == 0
-    assert rerun.returncode == 2 and "gen_cot: running" not in rerun.stdout
-    assert "the generation stages kept no row" in rerun.stderr
-    # With more attempts the stages run again, and only the new attempts are sent (the rest is cached).
-    with start_in_thread(config) as server:
+        assert rerun.returncode == 2 and "gen_cot: running" not in rerun.stdout
+        assert "the generation stages kept no row" in rerun.stderr
+        # With more attempts the stages run again, and only the new attempts are sent (the rest is cached).
+        server.reset_stats()
         more = chain(tmp_path, server.url, tiny_base, "--num_samples", "2")
         assert server.stats()["by_kind"]["solve"] == N_GSM8K + N_MATH
     assert more.returncode == 2 and "gen_cot: running" in more.stdout
@@ -140,6 +147,9 @@ def test_chain_starts_generates_through_and_stops_the_embedded_server(tmp_path, 
     run = tmp_path / "embedded"
     assert "[chain] starting the embedded LLM server" in result.stdout, result.stderr[-3000:]
     assert "[chain] embedded LLM server stopped" in result.stdout and not (run / "server.json").exists()
+    dtype = choose_dtype().dtype  # served as the CPU computes it, as precision.choose_dtype() decided
+    assert f"[chain] starting the embedded LLM server ({dtype})" in result.stdout
+    assert f"dtype=torch.{dtype}" in (run / "server.log").read_text()
     command = (run / "logs/gen_cot.log").read_text().splitlines()[0].split()
     port = int(command[command.index("--base_url") + 1].split(":")[-1].removesuffix("/v1"))
     with pytest.raises(OSError):  # nothing listens there any more

@@ -212,8 +212,9 @@ def test_vllm_loads_the_trained_model_with_its_logits(zero3_two_ranks):
     script = (
         "import json, sys\n"
         "from vllm import LLM, SamplingParams\n"
-        "from personamath.inference import cpu_engine_settings, on_cpu\n"
-        "llm = LLM(model=sys.argv[1], dtype='float32', max_model_len=64, seed=0,"
+        "from personamath.inference import cpu_engine_env, cpu_engine_settings, environment, on_cpu\n"
+        "with environment(cpu_engine_env() if on_cpu() else {}):\n"
+        "    llm = LLM(model=sys.argv[1], dtype='float32', max_model_len=64, seed=0,"
         " **(cpu_engine_settings() if on_cpu() else {}))\n"
         "out = llm.generate([{'prompt_token_ids': [1, 50, 300, 7000, 12, 4095]}],"
         " SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0))\n"
