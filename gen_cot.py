@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             item_id=lambda q: f"{q[0]}/{q[1].id}"))
     finally:
         grader.close()
-    return write_stage(output_dir, "cot", result, llm, rejected_name="cot_failed",
+    return write_stage(output_dir, "cot", result, llm, rejected_name="cot_failed", grading=grader.tally,
                        extra={"num_samples": args.num_samples, "prompt_version": SOLVE.version})
 
 

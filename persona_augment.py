@@ -65,7 +65,8 @@ def main(argv=None) -> int:
             "persona_augment", max_requests_per_item=2 * args.k + (pool is None), stall_timeout=args.stall_timeout))
     finally:
         grader.close()
-    return write_stage(output_dir, "persona", result, llm, rejected_name="persona_rejected", rows_required=False,
+    return write_stage(output_dir, "persona", result, llm, rejected_name="persona_rejected", grading=grader.tally,
+                       rows_required=False,
                        extra={"k": args.k, "persona_source": args.persona_source or ("file" if args.persona_file else "builtin"),
                               "prompt_versions": [REWRITE.version, SOLVE.version]})
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from personamath.errors import UserError, exit_on_user_error
 from personamath.llm import LLMClient, Ledger
 from personamath.personas import add_persona_args, persona_pool
-from personamath.pipeline import (REFLECT, REWRITE, SOLVE, AsyncGrader, Outcome, persona_variants, print_estimate,
-                                  read_stage_rows, reflect, reflect_messages, run_items, stage_parser, write_stage)
+from personamath.pipeline import (REFLECT, REWRITE, SOLVE, AsyncGrader, GradingTally, Outcome, persona_variants,
+                                  print_estimate, read_stage_rows, reflect, reflect_messages, run_items, stage_parser,
+                                  write_stage)
 
 
 def parse_args(argv=None):
@@ -80,11 +81,13 @@ def main(argv=None) -> int:
                                           llm, "reflection", max_requests_per_item=1,
                                           stall_timeout=args.stall_timeout))
         status = write_stage(output_dir, "reflection", corrected, llm, rejected_name="reflection_failed",
-                             rows_required=False, extra={"format": args.format, "prompt_version": REFLECT.version})
+                             grading=grader.tally, rows_required=False,
+                             extra={"format": args.format, "prompt_version": REFLECT.version})
         if status != 0:
             return status
         # Phase 2 runs even over no corrected question, so that all four outputs always exist.
         llm.ledger = Ledger(model=llm.model, price=llm.ledger.price)  # phase 2 gets its own account
+        grader.tally = GradingTally()  # and its own count of gradings
         # each rewrite: rewrite, solve and, when wrong, reflect
         augmented = asyncio.run(run_items(corrected.kept, lambda row: augment_corrected(llm, grader, row, pool, args),
                                           llm, "reflection_persona", max_requests_per_item=3 * args.k + (pool is None),
@@ -92,8 +95,9 @@ def main(argv=None) -> int:
     finally:
         grader.close()
     return write_stage(output_dir, "reflection_persona", augmented, llm, rejected_name="reflection_persona_rejected",
-                       rows_required=False, extra={"k": args.k, "format": args.format,
-                                                   "prompt_versions": [REWRITE.version, SOLVE.version, REFLECT.version]})
+                       grading=grader.tally, rows_required=False,
+                       extra={"k": args.k, "format": args.format,
+                              "prompt_versions": [REWRITE.version, SOLVE.version, REFLECT.version]})
 
 
 if __name__ == "__main__":

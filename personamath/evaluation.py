@@ -206,7 +206,8 @@ def _summarize(task, rows, graders, args, model, generation, grading_s, total_s)
         "accuracy": {g: t["accuracy"] for g, t in overall.items()},
         "correct": {g: t["correct"] for g, t in overall.items()},
         "no_answer": {g: sum(r[f"{g}_extracted"] is None for r in rows) for g in graders},
-        "grading_errors": sum(bool(r.get("grading_errors")) for r in rows),
+        # per grader: math-verify's exceptions, timeouts and dead workers; inputs that crash the authors' code
+        "grading_errors": {g: sum(bool((r.get("grading_errors") or {}).get(g)) for r in rows) for g in graders},
         "disagreements": {"count": len(disagree), "ids": disagree[:100]},
         "finish_reasons": dict(Counter(str(r.get("finish_reason")) for r in rows)),
         "tokens": {"prompt": prompt_tokens, "completion": completion_tokens},
@@ -248,7 +249,8 @@ def render_markdown(summary: dict) -> str:
     lines.append("")
     if len(graders) == 2:
         lines.append(f"- graders disagree on {summary['disagreements']['count']} items")
-    lines.append(f"- grading errors (timeouts, crashes; graded wrong): {summary['grading_errors']}")
+    errors = ", ".join(f"{g} {n}" for g, n in summary["grading_errors"].items())
+    lines.append(f"- grading errors (exceptions, timeouts, crashes; graded wrong): {errors}")
     lines.append(f"- finish reasons: {summary['finish_reasons']}")
     tokens, wall = summary["tokens"], summary["wall_s"]
     speed = summary["completion_tokens_per_s"]

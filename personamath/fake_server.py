@@ -18,6 +18,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import re
 import signal
 import socket
 import threading
@@ -35,7 +36,8 @@ from .prompts import PLACEHOLDER, load_prompt
 
 TEMPLATES = {"solve": "solve", "rewrite": "rewrite_persona", "propose": "propose_personas", "reflect": "reflect"}
 TRANSIENT_FAULTS = ("429", "500", "slow", "malformed", "empty")  # a body is given the first that selects it
-FAULT_TYPES = (*TRANSIENT_FAULTS, "length")
+PERMANENT_FAULTS = ("length", "400")  # every time the body is sent
+FAULT_TYPES = (*TRANSIENT_FAULTS, *PERMANENT_FAULTS)
 ANCHOR = 32  # characters of a question's start indexed for the substring search
 REFLECTION = "Reflection: the attempt made an arithmetic slip."
 
@@ -88,8 +90,10 @@ class _Template:
 class Brain:
     """Deterministic answers to the four prompts, from the known problems' gold answers."""
 
-    def __init__(self, problems: list[Problem], hard_fraction: float = 0.3, hopeless_fraction: float = 0.1):
+    def __init__(self, problems: list[Problem], hard_fraction: float = 0.3, hopeless_fraction: float = 0.1,
+                 bad_rewrites: float = 0.0):
         self.hard_fraction, self.hopeless_fraction = hard_fraction, min(hopeless_fraction, hard_fraction)
+        self.bad_rewrites = bad_rewrites
         self.templates = [_Template(kind) for kind in TEMPLATES]
         for t in self.templates:
             t.marker = next(line for line in t.fixed_lines()
@@ -133,7 +137,13 @@ class Brain:
         kind = template.kind if template else "unknown"
         if kind == "rewrite":
             persona = " ".join((template.field(message, "persona") or "").split()[:8])
-            return kind, problem, f"As {persona}, I ask: {source.strip()}"
+            rewritten = f"As {persona}, I ask: {source.strip()}"
+            draw = _unit(f"bad:{persona}:{source}")
+            if problem is not None and draw < self.bad_rewrites / 2:  # a quantity lost
+                rewritten = re.sub(r"\d+", "several", rewritten, count=1)
+            elif problem is not None and draw < self.bad_rewrites:  # the answer given away
+                rewritten += f" (The answer is {problem.gold}.)"
+            return kind, problem, rewritten
         if kind == "propose":
             k = template.field(message, "k") or ""
             seed = problem.question if problem else source
@@ -161,6 +171,7 @@ class FakeServerConfig:
     faults: dict[str, float] = field(default_factory=dict)  # fault type -> fraction of distinct request bodies
     slow_seconds: float = 5.0
     stall_after: int | None = None  # answer this many requests, then none (a server alive but stuck)
+    bad_rewrites: float = 0.0  # rewrites that drop a number or state the answer (half each)
     port: int = 0  # 0: a free port
 
 
@@ -182,7 +193,7 @@ class FakeServer:
         if unknown := set(config.faults) - set(FAULT_TYPES):
             raise ValueError(f"unknown fault types {sorted(unknown)}; known: {', '.join(FAULT_TYPES)}")
         self.config = config
-        self.brain = Brain(config.problems, config.hard_fraction, config.hopeless_fraction)
+        self.brain = Brain(config.problems, config.hard_fraction, config.hopeless_fraction, config.bad_rewrites)
         self.port = config.port
         self._faulted = set()  # digests of the bodies that already had their transient fault
         self._in_flight = 0
@@ -199,6 +210,7 @@ class FakeServer:
     def reset_stats(self) -> None:
         self._stats = {"requests": 0, "by_kind": dict.fromkeys([*TEMPLATES, "unknown"], 0),
                        "faults": dict.fromkeys(FAULT_TYPES, 0), "max_concurrent": 0, "completed": 0,
+                       "usage": {"prompt_tokens": 0, "completion_tokens": 0},  # of every answer it sent
                        "truncated": []}  # (kind, problem id or None) of every answer cut by the length fault
 
     async def _chat(self, request: web.Request) -> web.Response:
@@ -250,6 +262,9 @@ class FakeServer:
             return web.Response(text='{"id": "x", "choices": [', content_type="application/json")
         if fault == "slow":
             await asyncio.sleep(self.config.slow_seconds)
+        if _unit(f"400:{canonical}") < self.config.faults.get("400", 0.0):
+            stats["faults"]["400"] += 1
+            return _error(400, "invalid_request_error", "This model's maximum context length is 128 tokens (fake)")
         finish = "stop"
         if fault != "empty" and _unit(f"length:{canonical}") < self.config.faults.get("length", 0.0):
             text, finish = text[:len(text) // 2].split("\\boxed")[0], "length"  # no answer survives the cut
@@ -257,6 +272,11 @@ class FakeServer:
             stats["truncated"].append([kind, problem.id if problem else None])
         prompt_tokens = max(1, sum(len(_text(m)) for m in body["messages"]) // 4)
         completion_tokens = max(1, len(text) // 4)
+        if isinstance(body.get("max_tokens"), int) and completion_tokens > body["max_tokens"]:
+            completion_tokens, text, finish = body["max_tokens"], text[:4 * body["max_tokens"]], "length"
+        if fault != "empty":
+            stats["usage"]["prompt_tokens"] += prompt_tokens
+            stats["usage"]["completion_tokens"] += completion_tokens
         choices = [] if fault == "empty" else [{"index": 0, "message": {"role": "assistant", "content": text},
                                                 "finish_reason": finish}]
         stats["completed"] += fault != "empty"

@@ -3,9 +3,11 @@
 - `paper`: the authors' verdicts, reproduced from their scripts' behaviour. MATH compares two
   strings after a fixed normalisation (so `\\frac{2}{4}` differs from `\\frac12`); GSM8K compares
   an integer-rounded number (so 17.6 counts as 18).
-- `verify`: math-verify's symbolic equivalence. Its timeouts are signal-based and work only in a
-  process's main thread, so it runs in worker processes, each item under a hard timeout after which
-  the worker is killed: a pathological completion costs at most that timeout and never hangs a run.
+- `verify`: math-verify's symbolic equivalence of the last `\\boxed{}` (parser.final_answer, the
+  stages' rule too) and the gold; a completion without a box is left to math-verify's own extraction.
+  Its timeouts are signal-based and work only in a process's main thread, so it runs in worker
+  processes, each item under a hard timeout after which the worker is killed: a pathological
+  completion costs at most that timeout and never hangs a run.
 """
 import multiprocessing
 import os
@@ -138,7 +140,8 @@ def paper_grade_safe(task: str, completion: str, gold: str) -> Verdict:
 
 
 def verify_grade(task: str, completion: str, gold: str) -> Verdict:
-    """math-verify equivalence; must run in a process's main thread (see module docstring)."""
+    """math-verify equivalence of the final answer (parser.final_answer) and the gold; must run in a
+    process's main thread (see module docstring)."""
     from math_verify import parse, verify
 
     if task == "gsm8k":
@@ -147,10 +150,15 @@ def verify_grade(task: str, completion: str, gold: str) -> Verdict:
         gold_parsed = parse(f"${gold}$")
     else:
         gold_parsed = parse(f"$\\boxed{{{gold}}}$")
-    predicted = parse(completion)
-    if len(predicted) < 2:
+    # The last box alone: given the whole text, math-verify reads `\boxed{3}, \boxed{2}` as the set {3, 2}.
+    # Without a box, its own extraction from the whole text (a closing "the answer is", a last number) stands.
+    answer = parser.final_answer(completion)
+    predicted = parse(completion if answer is None else f"$\\boxed{{{answer}}}$")
+    if not predicted:
         return Verdict(None, False)
-    return Verdict(str(predicted[1]), bool(verify(gold_parsed, predicted)))
+    # [expression, the text it was read from], or the text alone where math-verify cannot read it (as in
+    # `\frac{12}{5,\!525}`), which then still equals a gold written the same way
+    return Verdict(str(predicted[-1]), bool(verify(gold_parsed, predicted)))
 
 
 def verify_safely(task: str, completion: str, gold: str) -> Verdict:

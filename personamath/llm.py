@@ -1,14 +1,18 @@
 """The LLM layer of the generation stages: an async OpenAI-compatible client that never loses or re-pays work.
 
 - Concurrency: at most `--concurrency` requests in flight.
-- Retries: the openai client's own, with exponential backoff that honours Retry-After, for 429, 5xx,
-  timeouts and connection errors; on top, a few re-sends for answers that arrive broken (malformed
-  JSON, no choices), which the client does not retry.
-- Cache: every answer is stored in SQLite, keyed by (model, messages, sampling parameters, sample
-  index), and committed as it arrives. A rerun sends no request for work already done and a killed
-  run loses only what was in flight. The key is a hash of the request; the API key is never stored.
-- Ledger: requests, cache hits, tokens and cost per stage (prices in configs/prices.json);
-  `--max_cost` stops sending once this run has spent that much; `--dry_run` estimates without sending.
+- Retries, each attempt its own: exponential backoff that honours Retry-After for 408, 409, 429,
+  5xx, timeouts, connection errors and answers that arrive broken (malformed JSON, no choices). Any
+  other 4xx (context too long, content filtered) is final: LLMRejected, the item is rejected.
+- Cache: every answer is stored in SQLite, keyed by the request body exactly as sent (model,
+  messages, every sampling parameter, the seed) and the endpoint, and committed as it arrives. A rerun
+  sends no request for work already done and a killed run loses only what was in flight. The API key
+  is never stored.
+- Ledger: requests, cache hits, tokens and cost per stage (prices in configs/prices.json).
+- A hard budget: `--max_cost` is never exceeded. Before each attempt is sent its worst case (a bound
+  on its prompt tokens plus max_tokens) is reserved; it is settled at the usage the server reports,
+  or at the worst case when the answer is lost (a timeout may still have been billed). An attempt that
+  does not fit is not sent, and no request is sent after it. `--dry_run` estimates without sending.
 """
 import asyncio
 import hashlib
@@ -38,8 +42,35 @@ class LLMError(Exception):
     """A request that still failed after every retry; the item it belonged to is not kept."""
 
 
+class LLMRejected(LLMError):
+    """The server refused the request for good (a 4xx other than 408, 409 and 429): a rerun would too."""
+
+
 class BudgetExceeded(Exception):
-    """--max_cost is spent: no new request is sent."""
+    """--max_cost cannot pay for the next request: no new request is sent."""
+
+
+RETRIED_STATUS = {408, 409, 429}  # and every 5xx
+MESSAGE_OVERHEAD_TOKENS = 8  # the chat format's tokens around each message, generously
+
+
+def prompt_tokens_bound(messages: list[dict]) -> int:
+    """More prompt tokens than the model's tokenizer can make of these messages, without knowing it:
+    every token of a byte-level BPE (OpenAI's, Llama's, Qwen's) or byte-fallback SentencePiece
+    tokenizer covers at least one byte of UTF-8, and the chat format adds a few tokens per message."""
+    return sum(len(m["content"].encode()) + MESSAGE_OVERHEAD_TOKENS for m in messages) + MESSAGE_OVERHEAD_TOKENS
+
+
+def retry_delay(attempt: int, response=None) -> float:
+    """Seconds before attempt `attempt` (1, 2, ...): the server's Retry-After when it gives one (capped
+    at a minute), else exponential backoff."""
+    headers = response.headers if response is not None else {}
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return min(float(headers[name]) * scale, 60.0)
+        except (KeyError, ValueError):
+            continue
+    return min(0.5 * 2 ** attempt, 8.0)
 
 
 @dataclass
@@ -83,8 +114,10 @@ class ResponseCache:
         self.db.commit()
 
     @staticmethod
-    def key(model: str, messages: list[dict], params: dict, sample: int) -> str:
-        request = {"model": model, "messages": messages, "params": params, "sample": sample}
+    def key(endpoint: str, body: dict) -> str:
+        """The identity of a request: its endpoint and its whole body as sent (so also the seed, n, stop
+        and any sampling parameter a later version adds)."""
+        request = {"endpoint": endpoint.rstrip("/"), "body": body}
         return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def get(self, key: str) -> Reply | None:
@@ -108,6 +141,7 @@ class Ledger:
     requests: int = 0  # sent to the server (retries by the client not counted)
     cache_hits: int = 0
     failed: int = 0  # requests that failed after every retry
+    rejected: int = 0  # requests the server refused for good (LLMRejected)
     truncated: int = 0  # answers cut by max_tokens (finish_reason "length")
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -125,6 +159,21 @@ class Ledger:
         return "unknown" if self.cost is None else f"${self.cost:.4f}"
 
 
+def parse_reply(raw: str) -> Reply | None:
+    """A chat completion's text and usage; None for an answer that arrived broken."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    message = (choices[0].get("message") or {}) if choices and isinstance(choices[0], dict) else {}
+    if not isinstance(message.get("content"), str):
+        return None
+    usage = data.get("usage") or {}
+    return Reply(text=message["content"], finish_reason=choices[0].get("finish_reason") or "stop",
+                 prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
+
+
 def add_llm_args(parser) -> None:
     g = parser.add_argument_group("LLM")
     g.add_argument("--model", default="gpt-4o-mini")
@@ -135,12 +184,14 @@ def add_llm_args(parser) -> None:
     g.add_argument("--stall_timeout", type=float, default=300.0,
                    help="stop (exit 5, everything answered kept) when the server answers none of the requests "
                         "waiting on it for this many seconds")
-    g.add_argument("--max_retries", type=int, default=6, help="retries per request (429, 5xx, timeouts, broken answers)")
+    g.add_argument("--max_retries", type=int, default=6,
+                   help="retries per request (408, 409, 429, 5xx, timeouts, broken answers)")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--max_tokens", type=int, default=2048)
     g.add_argument("--seed", type=int, default=0, help="base of the per-request seed (seed + sample index)")
     g.add_argument("--cache", default=None, help="response cache (default: OUTPUT_DIR/llm_cache.sqlite)")
-    g.add_argument("--max_cost", type=float, default=None, help="stop sending requests once this run spent this many USD")
+    g.add_argument("--max_cost", type=float, default=None,
+                   help="a hard cap in USD for this run: a request whose worst case does not fit is not sent")
     g.add_argument("--dry_run", action="store_true", help="print the request count and cost estimate; send nothing")
     g.add_argument("--dry_run_output_tokens", type=int, default=400,
                    help="completion tokens assumed per request by --dry_run")
@@ -158,7 +209,9 @@ class LLMClient:
         self.params = {"temperature": args.temperature, "max_tokens": args.max_tokens}
         self.seed = args.seed
         self.max_cost = args.max_cost
-        self.spent = 0.0  # USD sent this run, over every ledger: what --max_cost is held against
+        self.spent = 0.0  # USD this run, at most (see _request), over every ledger: what --max_cost caps
+        self.reserved = 0.0  # the worst case of the attempts in flight
+        self.budget_stopped = False  # once an attempt did not fit, none is sent
         self.max_retries = args.max_retries
         self.ledger = Ledger(model=self.model, price=price_of(self.model, self.base_url))
         if self.max_cost is not None and self.ledger.price is None:
@@ -178,17 +231,23 @@ class LLMClient:
         if self._client is None:
             from openai import AsyncOpenAI
 
+            # Retries are ours (_request), so that each attempt is reserved against the budget.
             self._client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout,
-                                       max_retries=self.max_retries)
+                                       max_retries=0)
             self._semaphore = asyncio.Semaphore(self._concurrency)
         return self._client
 
+    def body(self, messages: list[dict], sample: int) -> dict:
+        """The request as sent; sample i of the same messages is asked for with seed --seed + i."""
+        return {"model": self.model, "messages": messages, "seed": self.seed + sample, **self.params}
+
     def key(self, messages: list[dict], sample: int) -> str:
-        return ResponseCache.key(self.model, messages, self.params, sample)
+        return ResponseCache.key(self.base_url, self.body(messages, sample))
 
     async def chat(self, messages: list[dict], *, sample: int = 0, kind: str = "chat") -> Reply:
         """One chat completion: from the cache when it is there, else from the server (and then cached)."""
-        key = self.key(messages, sample)
+        body = self.body(messages, sample)
+        key = ResponseCache.key(self.base_url, body)
         counter = ITEM_REQUESTS.get()
         if counter is not None:
             counter[0] += 1
@@ -197,8 +256,6 @@ class LLMClient:
             self.ledger.cache_hits += 1
             self._answered(cached)
             return cached
-        if self.max_cost is not None and self.spent >= self.max_cost:
-            raise BudgetExceeded(f"--max_cost ${self.max_cost} reached")
         client = self._ensure_client()
         async with self._semaphore:
             self.ledger.requests += 1
@@ -207,14 +264,13 @@ class LLMClient:
                 self.waiting_since = time.monotonic()
             self.in_flight += 1
             try:
-                reply = await self._request(client, messages, sample)
+                reply = await self._request(client, body)
             finally:  # answered, or failed for good: either way the server is not stuck on it
                 self.in_flight -= 1
                 self.waiting_since = time.monotonic()
         self.ledger.prompt_tokens += reply.prompt_tokens
         self.ledger.completion_tokens += reply.completion_tokens
         self.ledger.truncated += reply.finish_reason == "length"
-        self.spent += cost_of(self.ledger.price, reply.prompt_tokens, reply.completion_tokens) or 0.0
         self.cache.put(key, reply)
         self._answered(reply)
         return reply
@@ -227,34 +283,50 @@ class LLMClient:
         """Seconds that requests have been waiting with no answer from the server (0 when none waits)."""
         return time.monotonic() - self.waiting_since if self.in_flight else 0.0
 
-    async def _request(self, client, messages: list[dict], sample: int) -> Reply:
+    def _reserve(self, body: dict) -> float:
+        """Reserve the worst case of one attempt against --max_cost, or refuse to send it."""
+        if self.max_cost is None:
+            return 0.0
+        worst = cost_of(self.ledger.price, prompt_tokens_bound(body["messages"]), body["max_tokens"])
+        if self.budget_stopped or self.spent + self.reserved + worst > self.max_cost:
+            self.budget_stopped = True
+            raise BudgetExceeded(f"the next request (up to ${worst:.6f}) does not fit in --max_cost ${self.max_cost}")
+        self.reserved += worst
+        return worst
+
+    async def _request(self, client, body: dict) -> Reply:
         import openai
 
-        body = {"model": self.model, "messages": messages, "seed": self.seed + sample, **self.params}
         problem = "no attempt"
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(min(0.5 * 2 ** attempt, 8.0))
+            worst = self._reserve(body)
+            charged = worst  # unless the server says what it billed, or that it refused
             try:
-                # The client's own post(): its retries and backoff, without the typed request transform and
-                # response models of chat.completions.create(), which cost the event loop ~3 ms a request.
-                data = json.loads(await client.post("/chat/completions", body=body, cast_to=str))
-            except json.JSONDecodeError:
-                problem = "malformed JSON in the response"
-                continue  # a broken answer: send again
-            except openai.APIError as err:  # the client already retried what is retryable
-                self.ledger.failed += 1
-                raise LLMError(f"{type(err).__name__}: {getattr(err, 'message', err)}") from None
-            choices = data.get("choices") if isinstance(data, dict) else None
-            message = choices[0].get("message") or {} if choices else {}
-            if not isinstance(message.get("content"), str):
-                problem = "response without choices"
-                continue
-            usage = data.get("usage") or {}
-            return Reply(text=message["content"], finish_reason=choices[0].get("finish_reason") or "stop",
-                         prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
+                # The client's own post(): without the typed request transform and response models of
+                # chat.completions.create(), which cost the event loop ~3 ms a request.
+                reply = parse_reply(await client.post("/chat/completions", body=body, cast_to=str))
+                self.waiting_since = time.monotonic()  # the server answers, if not always usefully
+                if reply is not None:
+                    charged = cost_of(self.ledger.price, reply.prompt_tokens, reply.completion_tokens) or 0.0
+                    return reply
+                problem, delay = "a malformed answer (no JSON, or no choices)", retry_delay(attempt + 1)
+            except openai.APIStatusError as err:
+                charged = 0.0  # refused before generating
+                self.waiting_since = time.monotonic()
+                problem = f"HTTP {err.status_code}: {err.message}"
+                if err.status_code not in RETRIED_STATUS and err.status_code < 500:
+                    self.ledger.rejected += 1
+                    raise LLMRejected(problem) from None
+                delay = retry_delay(attempt + 1, err.response)
+            except (openai.APITimeoutError, openai.APIConnectionError) as err:
+                problem, delay = f"{type(err).__name__}: {err}", retry_delay(attempt + 1)
+            finally:
+                self.reserved -= worst
+                self.spent += charged
+            if attempt < self.max_retries:
+                await asyncio.sleep(delay)
         self.ledger.failed += 1
-        raise LLMError(f"{problem} after {self.max_retries + 1} attempts")
+        raise LLMError(f"{problem}, after {self.max_retries + 1} attempts")
 
     def estimate(self, requests: list[tuple[list[dict], int]]) -> dict:
         """--dry_run: how many of these (messages, sample) requests the cache lacks, and what they would cost."""

@@ -4,6 +4,9 @@ Two families:
 - `paper_*`: what the authors' eval scripts extract, reproduced from their observable behaviour
   (the last `\\boxed`/`\\fbox` group; for GSM8K the first number after the last `\\boxed{`, rounded).
 - `gsm8k_verify_text`: the GSM8K preprocessing of the `verify` grader.
+
+And the rules of what a solution answers: `final_answer` (the stages and `verify`) and
+`restates_problem` (the stages: an answer that only copies the question is not a solution).
 """
 import re
 from fractions import Fraction
@@ -136,23 +139,50 @@ _STATED_ANSWER = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*\$*\
                             re.IGNORECASE)
 
 
-def restates_problem(answer: str, problem: str, gold: str) -> bool:
-    """Whether a final answer only copies an expression of the problem, as `81^{3/4}` for "Evaluate
-    $81^{3/4}$": equal to the gold in value, but the question restated, not solved. A plain number, or
-    the gold answer as written, may well occur in the problem and never counts."""
-    compact = re.sub(r"\s+", "", answer).strip("$")
-    return (bool(compact) and not _is_plain_number(compact) and compact != re.sub(r"\s+", "", gold)
-            and compact in re.sub(r"\s+", "", problem))
-
-
-def stated_final_answer(text: str) -> str | None:
-    """The last `\\boxed{}` answer, or else the answer a closing "The final answer is X" line states
-    (as Qwen2.5-Math's parser reads "the answer is"); None when the text states no final answer."""
+def final_answer(text: str, answer_format: str = "boxed") -> str | None:
+    """The final answer of a solution: the one rule of the generation stages and of the `verify` grader
+    (the `paper` grader's MATH extraction is the same last box). It is the content of the last `\\boxed{}`,
+    so a solution that corrects itself is read by its last word, and `\\boxed{1, 2}` stays one set answer.
+    With answer_format "stated", a solution without a box may instead close with "The final answer is X"
+    (as Qwen2.5-Math's parser reads "the answer is"). None when the text gives no final answer."""
     boxed = last_boxed_answer(text)
-    if boxed is not None:
+    if boxed is not None or answer_format == "boxed":
         return boxed
     for line in reversed([line for line in text.strip().splitlines() if line.strip()][-3:]):
         match = _STATED_ANSWER.search(line)
         if match and match.group(1).strip():
             return match.group(1).strip()
     return None
+
+
+# What only spells an answer differently: `\dfrac`/`\tfrac` for `\frac` (`\dbinom` for `\binom`), `\left(`
+# for `(`, spacing commands and spaces, `$`, `\$`, `\%`, a degree sign, and braces, so that `\frac{\pi}{2}`
+# and `\frac\pi2` read alike. Dropping braces also merges `\frac{12}{5}` with `\frac{1}{25}`; such a
+# collision only leaves an answer to math-verify's judgement, which tells those two apart.
+_SPELLING = re.compile(r"(?<=\\)[dt](?=frac|binom)|\\[,;:! $%]|\\(?:left|right|displaystyle)(?![a-zA-Z])|[\s${}~]")
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mbox|emph)(?![a-zA-Z])")
+_NOT_IN_WORDS = re.compile(r"[^A-Za-z\s(),.'\"{}$]")
+
+
+def _spelling(latex: str) -> str:
+    return _SPELLING.sub("", latex).replace("^\\circ", "").rstrip(".")  # `^{ \circ }` is `^\circ` by then
+
+
+def _is_words(answer: str) -> bool:
+    """`odd`, `\\text{(C)}`: words (or a choice's letter), which name an answer and compute nothing."""
+    text = _TEXT_COMMAND.sub("", answer)
+    return any(c.isalpha() for c in text) and not _NOT_IN_WORDS.search(text)
+
+
+def restates_problem(answer: str, problem: str, gold: str) -> bool:
+    """Whether a final answer only copies an expression of the problem, as `81^{3/4}` for "Evaluate
+    $81^{3/4}$": equal to the gold in value, but the question restated, not solved. A final form never
+    counts, even where the problem holds it: the gold as written, in any spelling (see _SPELLING); a
+    number, or a list of numbers; words, such as a choice the problem offers (Enter "odd", "even", or
+    "neither"). Spelling is ignored on the problem's side too, so `16 ^ {7/4}` restates `16^{7/4}`."""
+    spelled = _spelling(answer)
+    if not spelled or spelled == _spelling(gold) or _is_words(answer):
+        return False
+    if all(_is_plain_number(part) for part in spelled.split(",")):
+        return False
+    return spelled in _spelling(problem)

@@ -9,20 +9,23 @@ import argparse
 import asyncio
 import re
 import sys
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import grader, parser
 from .errors import UserError
 from .jsonl import iter_jsonl, write_json, write_jsonl
-from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, add_llm_args
+from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, LLMRejected, add_llm_args
 from .progress import RequestProgress
 from .prompts import load_prompt
+from .rewrites import rewrite_problem
 
 SOLVE, REWRITE, PROPOSE, REFLECT = (load_prompt(n) for n in ("solve", "rewrite_persona", "propose_personas", "reflect"))
 EXIT_BUDGET = 3  # --max_cost reached: outputs hold what finished, a rerun with a higher budget goes on
 EXIT_FAILED_REQUESTS = 4  # some requests failed after every retry: a rerun retries just those
 EXIT_STALLED = 5  # the server answered nothing for --stall_timeout: outputs hold what finished, a rerun resumes
+EXIT_GRADING_FAILED = 6  # grading failed too often (GradingTally.count): outputs hold what finished, a rerun resumes
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -139,6 +142,9 @@ async def persona_variants(llm: LLMClient, grader: "AsyncGrader", row: dict, poo
         problem = await rewrite(llm, row["problem"], persona.text)
         if problem is None:
             return None, {**base, "reason": "unusable rewrite"}
+        invalid = rewrite_problem(row["problem"], problem, row["gold"])
+        if invalid:  # rejected before a request is spent on solving it
+            return None, {**base, "problem": problem, "reason": invalid}
         response, correct = await solve(llm, grader, row["source"], problem, row["gold"])
         versions = f"{REWRITE.version}+{SOLVE.version}"
         if not correct and fix is not None:
@@ -157,35 +163,62 @@ async def persona_variants(llm: LLMClient, grader: "AsyncGrader", row: dict, poo
 # grading, off the event loop
 
 
+class GradingFailed(Exception):
+    """Grading failed on too many answers (GradingTally.count): the stage stops."""
+
+
+@dataclass
+class GradingTally:
+    """The answers a stage had math-verify grade, and the failures among them: its stats' "grading"."""
+    graded: int = 0
+    errors: int = 0
+    examples: list[str] = field(default_factory=list)  # the first few error messages
+
+    def count(self, error: str | None) -> None:
+        """Count one grading. Raise GradingFailed once the failures are more than 1% of the answers graded
+        and more than one: one odd answer may time out, a second so soon is math-verify failing here.
+        A failed grading counts as a wrong answer, so going on would spend every attempt and reflection
+        on questions already solved, and keep nothing."""
+        self.graded += 1
+        if error is None:
+            return
+        self.errors += 1
+        if len(self.examples) < 3:
+            self.examples.append(error)
+        if self.errors > max(1, self.graded / 100):
+            raise GradingFailed(f"grading failed on {self.errors} of the {self.graded} answers graded so far, "
+                                f"first with: {self.examples[0]}")
+
+
 class AsyncGrader:
     """math-verify (the `verify` grader) in worker processes, awaited without blocking other requests."""
 
     def __init__(self, timeout: float, answer_format: str = "boxed"):
         self.timeout, self.answer_format = timeout, answer_format
         self.pool = grader.grading_pool()
+        self.tally = GradingTally()
 
     async def correct(self, task: str, completion: str, gold: str, problem: str) -> bool:
-        """Whether the completion states a final answer, as the prompts ask, equal to the gold: in
-        `\\boxed{}`, or with answer_format "stated" also in a closing "The final answer is X" line.
-        Without one, math-verify would fall back to any number in the text: a lucky match, not a solution.
-        An answer that restates an expression of the problem is not a solution either."""
+        """Whether the completion's final answer (parser.final_answer: the last `\\boxed{}`, or with
+        answer_format "stated" also a closing "The final answer is X" line) equals the gold. Without a
+        final answer, math-verify would fall back to any number in the text: a lucky match, not a
+        solution. An answer that restates an expression of the problem is not a solution either.
+        Raises GradingFailed when grading fails too often."""
         from concurrent.futures import TimeoutError as FutureTimeout
 
         from pebble import ProcessExpired
 
-        answer = parser.last_boxed_answer(completion)
-        if answer is None:
-            answer = parser.stated_final_answer(completion) if self.answer_format == "stated" else None
-            if answer is None:
-                return False
-            completion = f"\\boxed{{{answer}}}"
-        if parser.restates_problem(answer, problem, gold):
+        answer = parser.final_answer(completion, self.answer_format)
+        if answer is None or parser.restates_problem(answer, problem, gold):
             return False
-        future = self.pool.schedule(grader.verify_safely, args=(task, completion, gold), timeout=self.timeout)
+        future = self.pool.schedule(grader.verify_safely, args=(task, f"\\boxed{{{answer}}}", gold),
+                                    timeout=self.timeout)
         try:
-            return (await asyncio.wrap_future(future)).correct
-        except (FutureTimeout, ProcessExpired):
-            return False
+            verdict = await asyncio.wrap_future(future)
+        except (FutureTimeout, ProcessExpired) as err:
+            verdict = grader.failed_verdict(err, self.timeout)
+        self.tally.count(verdict.error)
+        return verdict.correct
 
     def close(self) -> None:
         self.pool.close()
@@ -209,9 +242,11 @@ class StageResult:
     rejected: list[dict]
     inputs: int
     attempted: int
-    finished: int  # items done; fewer than inputs when the budget or the stall watchdog stopped the run
+    finished: int  # items done; fewer than inputs when the budget, the stall watchdog or grading stopped the run
     failed_ids: list[str]  # items whose requests failed after every retry: not graded, retried by a rerun
+    rejected_by_server: list[dict] = field(default_factory=list)  # {id, message}: refused for good, not retried
     stalled: str | None = None  # why the stall watchdog stopped the run
+    grading_failed: str | None = None  # why failed gradings stopped the run (GradingFailed)
 
 
 class Stalled(Exception):
@@ -230,32 +265,43 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
                     stall_timeout: float, item_id=lambda item: item["id"]) -> StageResult:
     """Run `work` over every item concurrently (the client bounds requests in flight), in input order.
     `max_requests_per_item` (the most requests one item can make) sizes the progress bar. If the
-    server answers nothing for `stall_timeout` seconds, the run stops with what finished."""
+    server answers nothing for `stall_timeout` seconds, or grading fails too often (GradingFailed), the
+    run stops with what finished."""
     outcomes: list[Outcome | None] = [None] * len(items)
-    failed_ids = []
+    failed_ids, rejected_by_server = [], []
     progress = RequestProgress(desc, len(items), max_requests_per_item)
     llm.on_reply = lambda reply: progress.request_done(reply.completion_tokens, reply.cached)
 
     async def one(i, item):
+        nonlocal grading_failed
         requests = [0]
         ITEM_REQUESTS.set(requests)  # this item's task (and the tasks it starts) count on it
         try:
             outcomes[i] = await work(item)
         except BudgetExceeded:
             return  # the item stays unfinished; its cached requests are reused by a rerun
+        except GradingFailed as err:  # every item stops, as after a stall; answers are cached for a rerun
+            grading_failed = grading_failed or str(err)
+            everything.cancel()
+            return
+        except LLMRejected as err:  # final: the item is done, with nothing kept
+            rejected_by_server.append({"id": item_id(item), "message": str(err)})
+            outcomes[i] = Outcome()
+            progress.write(f"{desc}: {item_id(item)}: rejected by the server: {err}")
         except LLMError as err:
             failed_ids.append(item_id(item))
             outcomes[i] = Outcome()
             progress.write(f"{desc}: {item_id(item)}: {err}")
         progress.item_done(requests[0], len(outcomes[i].kept))
 
-    stalled = None
+    stalled = grading_failed = None
     watchdog = asyncio.ensure_future(_watch_for_stall(llm, stall_timeout))
     everything = asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
     try:
         await asyncio.wait([everything, watchdog], return_when=asyncio.FIRST_COMPLETED)
         if watchdog.done():
             stalled = str(watchdog.exception())
+        if stalled or grading_failed:
             everything.cancel()  # what is in flight is dropped; everything answered is in the cache
             await asyncio.gather(everything, return_exceptions=True)
         else:
@@ -269,19 +315,25 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
     done = [o for o in outcomes if o is not None]
     return StageResult(kept=[r for o in done for r in o.kept], rejected=[r for o in done for r in o.rejected],
                        inputs=len(items), attempted=sum(o.attempted for o in done), finished=len(done),
-                       failed_ids=failed_ids, stalled=stalled)
+                       failed_ids=failed_ids, rejected_by_server=rejected_by_server, stalled=stalled,
+                       grading_failed=grading_failed)
 
 
 def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient, rejected_name: str,
-                extra: dict | None = None, rows_required: bool = True) -> int:
+                grading: GradingTally, extra: dict | None = None, rows_required: bool = True) -> int:
     """Write NAME.jsonl, the rejected rows and NAME.stats.json; print the yield; return the exit status."""
     write_jsonl(output_dir / f"{name}.jsonl", result.kept)
     write_jsonl(output_dir / f"{rejected_name}.jsonl", result.rejected)
     complete = result.finished == result.inputs
+    reasons = Counter(r["reason"] for r in result.rejected if r.get("reason"))
+    invalid = sum(n for reason, n in reasons.items() if reason.startswith("invalid rewrite"))
     stats = {"stage": name, "inputs": result.inputs, "attempted": result.attempted, "kept": len(result.kept),
              "yield": len(result.kept) / result.attempted if result.attempted else 0.0,
-             "finished_items": result.finished, "complete": complete,
-             "request_failed_ids": result.failed_ids, "stalled": result.stalled, "model": llm.model, "ledger": llm.ledger.as_dict(),
+             "finished_items": result.finished, "complete": complete, "rejected_by_reason": dict(reasons),
+             "invalid_rewrites": {"count": invalid, "share": invalid / result.attempted if result.attempted else 0.0},
+             "request_failed_ids": result.failed_ids, "rejected_by_server": result.rejected_by_server,
+             "stalled": result.stalled, "spent_usd_at_most": llm.spent, "max_cost_usd": llm.max_cost,
+             "model": llm.model, "ledger": llm.ledger.as_dict(), "grading": asdict(grading),
              **(extra or {})}
     write_json(output_dir / f"{name}.stats.json", stats)
     print(f"{name}: kept {len(result.kept)} of {result.attempted} attempted ({100 * stats['yield']:.1f}%) "
@@ -295,9 +347,19 @@ def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient
               f"serving in bf16 (serve in float32: --dtype float32), or more requests in flight than it can "
               f"finish in that time (lower --concurrency or --max_tokens, or raise --stall_timeout)", file=sys.stderr)
         return EXIT_STALLED
+    if result.grading_failed:
+        print(f"{name}: stopped: {result.grading_failed}. An answer that cannot be graded counts as wrong, so going "
+              f"on would spend attempts and reflections on questions already solved. Check that math-verify works "
+              f"here (python -c 'import math_verify'), or raise --grading_timeout if the errors are timeouts; every "
+              f"answer is cached, so the same command then resumes", file=sys.stderr)
+        return EXIT_GRADING_FAILED
+    if result.rejected_by_server:
+        print(f"{name}: the server refused {len(result.rejected_by_server)} items for good (not retried; ids and its "
+              f"messages in {name}.stats.json)", file=sys.stderr)
     if not complete:
-        print(f"{name}: stopped at --max_cost after {result.finished} of {result.inputs} items; "
-              f"rerun with a higher --max_cost to go on (finished work is cached)", file=sys.stderr)
+        print(f"{name}: stopped at the budget: spent at most ${llm.spent:.6f} of --max_cost ${llm.max_cost} after "
+              f"{result.finished} of {result.inputs} items (the next request's worst case did not fit). Every "
+              f"answer is cached: rerun with a higher --max_cost to go on, paying nothing twice", file=sys.stderr)
         return EXIT_BUDGET
     if result.failed_ids:
         print(f"{name}: {len(result.failed_ids)} items failed after every retry (ids in {name}.stats.json); "

@@ -87,3 +87,21 @@ def test_eval_math500(tmp_path, vllm_engine, embedded_model):
                                             "--max_tokens", "64", "--output_dir", str(tmp_path)])
     summary = run("math", args, llm=vllm_engine)
     assert summary["n"] == 4 and set(summary["by_level"]) <= {"1", "2", "3", "4", "5"}
+
+
+def test_grading_errors_are_counted_per_grader(tmp_path):
+    """Re-grading without a model: each grader's failures, of any kind, are counted apart."""
+    nested = "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}"
+    completions = ["So she pays \\boxed{5/00}.",  # crashes the authors' GSM8K extraction
+                   nested * 20,  # math-verify times out
+                   "So she pays \\boxed{18}."]
+    write_jsonl(tmp_path / "generations.jsonl", [{"id": str(i), "question": "How much does she pay?", "gold": "18",
+                                                  "completion": c} for i, c in enumerate(completions)])
+    args = build_parser("gsm8k").parse_args(["--generations", str(tmp_path / "generations.jsonl"), "--output_dir",
+                                             str(tmp_path / "out"), "--grading_timeout", "0.5",
+                                             "--grading_workers", "1"])
+    summary = run("gsm8k", args)
+    assert summary["grading_errors"] == {"paper": 1, "verify": 1}
+    assert summary["correct"] == {"paper": 1, "verify": 1}
+    assert "grading errors (exceptions, timeouts, crashes; graded wrong): paper 1, verify 1" in (
+        tmp_path / "out" / "summary.md").read_text()

@@ -1,10 +1,13 @@
 """Both graders on hand-picked cases: the equivalences the authors' grader misses, its quirks, and
 pathological completions that must be graded within the timeout."""
+import re
 import time
 
 import pytest
+from conftest import DATA
 
 from personamath import grader, parser
+from personamath.data import load_problems
 
 # (gold, prediction): equal answers written differently. The authors' string normalisation marks
 # every one wrong; math-verify marks every one right.
@@ -139,19 +142,98 @@ def test_gold_of_unbraced_boxed_train_solutions():
     ("There are 12 apples and 3 pears.", None),
 ])
 def test_stated_final_answer(text, expected):
-    from personamath.parser import stated_final_answer
+    assert parser.final_answer(text, "stated") == expected
+    assert parser.final_answer(text) == parser.last_boxed_answer(text)  # "boxed": only a box counts
 
-    assert stated_final_answer(text) == expected
+
+# (task, completion, gold, paper's verdict, verify's verdict): several boxes in one completion. The last
+# box is the answer (parser.final_answer) for both graders and the stages; one box holding a set is a set.
+SEVERAL_BOXES = [
+    ("math", "First \\boxed{3}, but correcting: 5 - 3 = \\boxed{2}.", "2", True, True),  # math-verify alone: {3, 2}
+    ("math", "First \\boxed{3}, but correcting: 5 - 3 = \\boxed{2}.", "3", False, False),
+    ("math", "The answer is $\\boxed{3}$, $\\boxed{2}$.", "2", True, True),  # math-verify alone: the set {3, 2}
+    ("math", "The answer is $\\boxed{3}$, $\\boxed{2}$.", "2, 3", False, False),
+    ("math", "The roots are $\\boxed{2, 1}$.", "1, 2", False, True),  # a set, in any order (for math-verify)
+    ("math", "The roots are $\\boxed{2, 1}$.", "2", False, False),
+    ("gsm8k", "She pays $\\boxed{17}$. No: 3 + 15 = 18, so $\\boxed{18}$.", "18", True, True),
+    ("gsm8k", "She pays $\\boxed{17}$, $\\boxed{18}$.", "18", True, True),
+]
+
+
+@pytest.mark.parametrize("task,completion,gold,paper,verify", SEVERAL_BOXES)
+def test_several_boxes_the_last_is_the_answer(task, completion, gold, paper, verify):
+    assert grader.paper_grade(task, completion, gold).correct is paper
+    assert grader.verify_grade(task, completion, gold).correct is verify
+
+
+def test_stages_grade_several_boxes_as_verify_does():
+    import asyncio
+
+    from personamath.pipeline import AsyncGrader
+
+    async def grade_all():
+        return await asyncio.gather(*(stage_grader.correct(task, completion, gold, problem="")
+                                      for task, completion, gold, _, _ in SEVERAL_BOXES))
+
+    stage_grader = AsyncGrader(timeout=10)
+    try:
+        assert asyncio.run(grade_all()) == [verify for *_, verify in SEVERAL_BOXES]
+        assert stage_grader.tally.graded == len(SEVERAL_BOXES) and stage_grader.tally.errors == 0
+    finally:
+        stage_grader.close()
+
+
+PARITY = 'Is $f(x) = \\frac{x^3}{2}$ an even function, odd function, or neither? Enter "odd", "even", or "neither".'
 
 
 @pytest.mark.parametrize("answer,problem,gold,expected", [
     ("81^{3/4}", "Evaluate $81^{3/4}$.", "27", True),  # the question restated: equal to 27, not solved
     ("\\dbinom{133}{133}", "Compute $\\dbinom{133}{133}$.", "1", True),
     ("16 ^ {7/4}", "Evaluate $16^{7/4}$.", "128", True),  # spacing aside
+    ("\\dfrac{6}{8}", "Simplify $\\frac{6}{8}$.", "\\frac34", True),  # \dfrac aside
     ("27", "Evaluate $81^{3/4}$.", "27", False),
     ("3", "What is 3 + 0?", "3", False),  # a plain number of the problem may be its answer
+    ("1,000", "Of the 1,000 marbles, how many ...?", "1000", False),
+    ("1, 2", "Which of 1, 2, 3 divide 2?", "2, 1", False),  # a list of numbers too
     ("\\frac{1}{2}", "Is $\\frac{1}{2}$ equal to $\\frac{2}{4}$? Give the first.", "\\frac{1}{2}", False),  # the gold
     ("\\frac{3}{4}", "Evaluate $\\frac{3}{8} \\cdot 2$.", "\\frac34", False),
+    # the gold in another spelling, though the problem holds that spelling
+    ("\\frac{\\pi}{2}", "Compute $\\arcsin 1$, between $0$ and $\\frac{\\pi}{2}$.", "\\frac{\\pi}2", False),
+    ("\\frac\\pi2", "Compute $\\arcsin 1$, between $0$ and $\\frac{\\pi}{2}$.", "\\dfrac{\\pi}{2}", False),
+    ("\\left( 1, \\frac{\\pi}{2} \\right).", "Convert $\\left(1,\\frac{\\pi}{2}\\right)$.", "(1,\\frac{\\pi}{2})",
+     False),
+    ("$90^\\circ$", "One angle is $90^\\circ$. Find the largest.", "90", False),
+    # words the problem offers as a choice
+    ("odd", PARITY, "\\text{odd}", False),
+    ("\\text{neither}", PARITY, "\\text{neither}", False),
+    ("(C)", "Which is largest? (A) $2^5$ (B) $5^2$ (C) $3^4$", "\\text{(C)}", False),
 ])
 def test_restates_problem(answer, problem, gold, expected):
     assert parser.restates_problem(answer, problem, gold) is expected
+
+
+def spellings(gold: str) -> set[str]:
+    """The gold as written and mechanical respellings of it: the same answer, which is never a restatement."""
+    frac = re.sub(r"\\[dt]frac", r"\\frac", gold)
+    braced = re.sub(r"\\frac\s*(\\[a-zA-Z]+|\w)\s*(\\[a-zA-Z]+|\w)", r"\\frac{\1}{\2}", frac)  # \frac12
+    braced = re.sub(r"(\\frac\{[^{}]*\})\s*(\\[a-zA-Z]+|\w)", r"\1{\2}", braced)  # \frac{\pi}2
+    return {gold, f"${gold}$", f"{gold}.", frac, frac.replace("\\frac", "\\dfrac"), braced,
+            re.sub(r"\\frac\{(\\[a-zA-Z]+|\w)\}\{(\w)\}", r"\\frac \1 \2", braced),  # \frac{1}{2} -> \frac 1 2
+            re.sub(r"(?<!\\)([{},+=^_-])", r" \1 ", gold),  # spaces around braces, commas and operators
+            re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", gold),
+            re.sub(r"(?<![a-zA-Z\\])\(", r"\\left(", re.sub(r"(?<![a-zA-Z\\])\)", r"\\right)", gold)),
+            gold.replace("\\!", "")}
+
+
+def test_no_spelling_of_the_gold_is_a_restatement_on_any_math_train_problem():
+    problems = load_problems("math", DATA / "math" / "MATH_train.jsonl")
+    started = time.time()
+    rejected, copied = [], 0
+    for p in problems:
+        for answer in spellings(p.gold):
+            copied += answer.strip("$.") in p.question
+            if parser.restates_problem(answer, p.question, p.gold):
+                rejected.append((p.id, p.gold, answer))
+    print(f"{len(problems)} problems, {copied} spellings found in their problem, {time.time() - started:.1f} s")
+    assert not rejected, rejected[:20]
+    assert copied > 1000  # not vacuous: many problems hold their own answer

@@ -14,6 +14,7 @@ from conftest import DATA, ROOT, run_script
 from personamath.data import load_problems
 from personamath.fake_server import FakeServerConfig, start_in_thread
 from personamath.jsonl import read_jsonl, write_jsonl
+from personamath.pipeline import EXIT_GRADING_FAILED
 
 GSM8K = DATA / "gsm8k" / "train.jsonl"
 MATH = DATA / "math" / "MATH_train.jsonl"
@@ -150,8 +151,8 @@ def test_max_cost_stops_cleanly_and_resumes_without_repaying(tmp_path, reference
     script, extra, names = STAGES[0]
     with server() as srv:
         # gpt-4o-mini is priced in configs/prices.json; the fake server answers to any model name.
-        priced = [*flags(srv, tmp_path, concurrency=1), "--model", "gpt-4o-mini", *extra]
-        stopped = subprocess.run([sys.executable, script, *priced, "--max_cost", "0.0002"], cwd=ROOT,
+        priced = [*flags(srv, tmp_path, concurrency=1), "--model", "gpt-4o-mini", "--max_tokens", "256", *extra]
+        stopped = subprocess.run([sys.executable, script, *priced, "--max_cost", "0.001"], cwd=ROOT,
                                  capture_output=True, text=True, timeout=300)
         assert stopped.returncode == 3, stopped.stderr[-2000:]
         assert "--max_cost" in stopped.stderr
@@ -251,22 +252,62 @@ def test_stall_watchdog_stops_keeps_what_finished_and_rerun_resumes(tmp_path, re
         stopped = subprocess.run([sys.executable, script, *flags(srv, tmp_path, concurrency=4), "--timeout", "120",
                                   *command], cwd=ROOT, capture_output=True, text=True, timeout=120)
         took = time.time() - started
-    assert stopped.returncode == 5, stopped.stderr[-2000:]
-    assert took < 60  # the watchdog, not the 120 s request timeout (times 7 attempts), ended it
-    message = stopped.stderr
-    assert "answered none of the 4 requests waiting on it in 3 s (--stall_timeout)" in message
-    assert "--dtype float32" in message and "the same command resumes" in message
-    stats = json.loads((tmp_path / "cot.stats.json").read_text())
-    assert stats["complete"] is False and "--stall_timeout" in stats["stalled"]
-    partial = {n: read_jsonl(tmp_path / f"{n}.jsonl") for n in names}
-    finished = partial["cot"] + partial["cot_failed"]
-    assert 0 < len(finished) == stats["finished_items"] < 2 * N_PER_SOURCE
-    for name in names:  # what finished is exactly what a run that never stalled wrote for those items
-        ids = {r["id"] for r in partial[name]}
-        assert partial[name] == [r for r in expected[name] if r["id"] in ids]
+        message = stopped.stderr
+        assert stopped.returncode == 5, message[-2000:]
+        assert took < 60  # the watchdog, not the 120 s request timeout (times 7 attempts), ended it
+        assert "answered none of the 4 requests waiting on it in 3 s (--stall_timeout)" in message
+        assert "--dtype float32" in message and "the same command resumes" in message
+        stats = json.loads((tmp_path / "cot.stats.json").read_text())
+        assert stats["complete"] is False and "--stall_timeout" in stats["stalled"]
+        partial = {n: read_jsonl(tmp_path / f"{n}.jsonl") for n in names}
+        finished = partial["cot"] + partial["cot_failed"]
+        assert 0 < len(finished) == stats["finished_items"] < 2 * N_PER_SOURCE
+        for name in names:  # what finished is exactly what a run that never stalled wrote for those items
+            ids = {r["id"] for r in partial[name]}
+            assert partial[name] == [r for r in expected[name] if r["id"] in ids]
 
-    with server() as srv:
+        srv.config.stall_after = None  # the server recovers (the same endpoint: the cache is keyed by it)
+        srv.reset_stats()
         run_stage(script, srv, tmp_path, command)
         resent = srv.stats()["requests"]
     assert outputs(tmp_path, names) == {n: expected[n] for n in names}
     assert resent == ref_requests[script] - answered  # every answer before the stall came from the cache
+
+
+BROKEN_MATH_VERIFY = """# A math-verify whose every comparison raises, as a broken install's does.
+def parse(text, *args, **kwargs):
+    return [text, text]
+
+
+def verify(gold, target, *args, **kwargs):
+    raise RuntimeError("math-verify is broken")
+"""
+
+
+def test_failing_grading_stops_the_stage_and_the_same_command_resumes(tmp_path, reference):
+    """Every grading fails (a broken math-verify shadows the real one in the grading processes): the stage
+    stops on the second failure, exit 6, with a message naming the error and the errors in its stats.
+    Counted as wrong answers instead, the failures would cost both attempts of every question and keep
+    nothing. With math-verify working again, the same command ends as if nothing had happened."""
+    _, expected, _ = reference
+    script, extra, names = STAGES[0]
+    shadow = tmp_path / "shadow" / "math_verify"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(BROKEN_MATH_VERIFY)
+    broken = {**os.environ, "PYTHONPATH": str(shadow.parent)}
+    out = tmp_path / "out"
+    with server() as srv:
+        stopped = subprocess.run([sys.executable, script, *flags(srv, out), *extra], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=300, env=broken)
+        assert stopped.returncode == EXIT_GRADING_FAILED, stopped.stderr[-2000:]
+        assert ("cot: stopped: grading failed on 2 of the 2 answers graded so far, first with: RuntimeError: "
+                "math-verify is broken") in stopped.stderr
+        stats = json.loads((out / "cot.stats.json").read_text())
+        assert stats["grading"] == {"graded": 2, "errors": 2, "examples": ["RuntimeError: math-verify is broken"] * 2}
+        assert stats["complete"] is False and read_jsonl(out / "cot.jsonl") == []
+        assert srv.stats()["requests"] < 2 * 2 * N_PER_SOURCE  # what grading every answer wrong would send
+
+        run_stage(script, srv, out, extra)
+    assert outputs(out, names) == {n: expected[n] for n in names}
+    grading = json.loads((out / "cot.stats.json").read_text())["grading"]
+    assert grading["errors"] == 0 and grading["graded"] >= 2 * N_PER_SOURCE

@@ -1,0 +1,187 @@
+"""The LLM client's promises, tried against the fake server over real HTTP: a hard budget at any
+concurrency, a cache keyed by the exact request and its endpoint, permanent errors as rejections that
+let a run finish, and persona rewrites checked before a request is spent on solving them."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import DATA, ROOT
+
+from personamath.data import load_problems
+from personamath.fake_server import FakeServerConfig, start_in_thread
+from personamath.jsonl import read_jsonl, write_jsonl
+from personamath.llm import cost_of, price_of, prompt_tokens_bound
+from personamath.rewrites import numbers, rewrite_problem
+
+GSM8K = DATA / "gsm8k" / "train.jsonl"
+MATH = DATA / "math" / "MATH_train.jsonl"
+N = 12
+
+
+def problems():
+    return load_problems("gsm8k", GSM8K)[:N] + load_problems("math", MATH)[:N]
+
+
+def server(**overrides):
+    return start_in_thread(FakeServerConfig(problems=problems(), **overrides))
+
+
+def gen_cot(srv, out, *extra, concurrency=8):
+    return subprocess.run([sys.executable, "gen_cot.py", "--base_url", srv.url, "--model", "fake-llm", "--output_dir",
+                           str(out), "--inputs", str(GSM8K), str(MATH), "--limit", str(2 * N), "--num_samples", "2",
+                           "--concurrency", str(concurrency), "--timeout", "5", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def server_spend(srv, model="gpt-4o-mini") -> float:
+    """What the server billed: every answer it sent, at the usage it reported."""
+    usage = srv.stats()["usage"]
+    return cost_of(price_of(model, "https://api.openai.com/v1"), usage["prompt_tokens"], usage["completion_tokens"])
+
+
+# --- a hard budget ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("concurrency", [1, 64])
+@pytest.mark.parametrize("cap", [0.00002, 0.0002, 0.002])
+def test_max_cost_is_never_exceeded(tmp_path, concurrency, cap):
+    with server() as srv:
+        result = gen_cot(srv, tmp_path, "--model", "gpt-4o-mini", "--max_cost", str(cap), "--max_tokens", "256",
+                         concurrency=concurrency)
+        spent_by_server = server_spend(srv)
+        sent = srv.stats()["requests"]
+    stats = json.loads((tmp_path / "cot.stats.json").read_text())
+    assert spent_by_server <= cap and stats["spent_usd_at_most"] <= cap, (spent_by_server, stats["spent_usd_at_most"])
+    assert stats["spent_usd_at_most"] >= spent_by_server  # the client's account is an upper bound
+    if result.returncode == 3:  # stopped at the cap: said so, with what was spent and how to go on
+        assert "spent at most $" in result.stderr and f"--max_cost ${cap}" in result.stderr
+        assert "rerun with a higher --max_cost" in result.stderr and not stats["complete"]
+    else:  # the cap was enough for everything
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert stats["complete"]
+    if cap == 0.00002:  # not even one request's worst case fits: none is sent
+        assert sent == 0 and result.returncode == 3
+
+
+def test_budget_stop_then_higher_cap_pays_nothing_twice(tmp_path):
+    with server() as srv:
+        stopped = gen_cot(srv, tmp_path, "--model", "gpt-4o-mini", "--max_tokens", "256", "--max_cost", "0.002",
+                          concurrency=16)
+        assert stopped.returncode == 3, stopped.stderr[-2000:]
+        answered_before = srv.stats()["completed"]
+        finished = gen_cot(srv, tmp_path, "--model", "gpt-4o-mini", "--max_tokens", "256", "--max_cost", "1",
+                           concurrency=16)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        after = srv.stats()
+    with server() as fresh:
+        straight = gen_cot(fresh, tmp_path / "straight", "--model", "gpt-4o-mini", "--max_tokens", "256")
+        assert straight.returncode == 0
+        needed = fresh.stats()["completed"]
+    assert answered_before > 0 and after["completed"] == needed  # every answer was paid for once
+    assert read_jsonl(tmp_path / "cot.jsonl") == read_jsonl(tmp_path / "straight" / "cot.jsonl")
+
+
+def test_prompt_token_bound_holds_for_a_real_tokenizer(embedded_model):
+    """The bound is above the count of a real tokenizer, for English, LaTeX and other scripts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    texts = [p.question for p in problems()] + ["Ünïcödé ∑ ∫ √ 数学 ½ 🙂" * 20, "\\frac{\\pi}{2}" * 50, " " * 300]
+    for text in texts:
+        messages = [{"role": "user", "content": text}]
+        real = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        assert prompt_tokens_bound(messages) >= real
+
+
+# --- cache identity ----------------------------------------------------------------------------------
+
+
+def test_cache_key_is_the_exact_request_and_endpoint(tmp_path):
+    cache = tmp_path / "cache.sqlite"
+    base = ["--cache", str(cache), "--num_samples", "1", "--limit", "6"]
+    with server() as srv, server() as other:
+        def sent(target, *extra) -> int:
+            before = target.stats()["requests"]
+            result = subprocess.run([sys.executable, "gen_cot.py", "--base_url", target.url, "--model", "fake-llm",
+                                     "--output_dir", str(tmp_path / "out"), "--inputs", str(GSM8K), *base, *extra],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert result.returncode in (0, 1), result.stderr[-2000:]
+            return target.stats()["requests"] - before
+
+        assert sent(srv) == 6
+        assert sent(srv) == 0  # the same run again: all from the cache
+        for change in (["--seed", "1"], ["--temperature", "0.5"], ["--max_tokens", "100"], ["--model", "fake-llm-2"]):
+            assert sent(srv, *change) == 6, change
+            assert sent(srv, *change) == 0, change
+        assert sent(other) == 6  # another endpoint serving a model of the same name
+        assert sent(other) == 0
+
+
+# --- permanent errors --------------------------------------------------------------------------------
+
+
+def test_permanent_errors_are_rejections_and_the_run_completes(tmp_path):
+    with server(faults={"400": 0.25}) as srv:
+        result = gen_cot(srv, tmp_path)
+        refused = srv.stats()["faults"]["400"]
+        again = gen_cot(srv, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]  # completes; a rerun does too
+    assert again.returncode == 0, again.stderr[-2000:]
+    stats = json.loads((tmp_path / "cot.stats.json").read_text())
+    rejected = stats["rejected_by_server"]
+    assert 0 < len(rejected) == refused == stats["ledger"]["rejected"]  # each refused once, never retried
+    assert all("maximum context length" in r["message"] and "HTTP 400" in r["message"] for r in rejected)
+    assert f"the server refused {len(rejected)} items for good" in result.stderr
+    kept_or_failed = {r["id"] for r in read_jsonl(tmp_path / "cot.jsonl") + read_jsonl(tmp_path / "cot_failed.jsonl")}
+    assert kept_or_failed.isdisjoint(r["id"] for r in rejected)
+    assert len(kept_or_failed) + len(rejected) == 2 * N
+
+
+# --- rewrite validity --------------------------------------------------------------------------------
+
+
+def test_invalid_rewrites_are_rejected_before_they_are_solved(tmp_path):
+    rows = [{"id": f"gsm8k/{p.id}", "source": "gsm8k", "stage": "cot", "problem": p.question, "response": "(given)",
+             "gold": p.gold} for p in load_problems("gsm8k", GSM8K)[:N]]
+    write_jsonl(tmp_path / "cot.jsonl", rows)
+    with server(bad_rewrites=0.5) as srv:
+        result = subprocess.run([sys.executable, "persona_augment.py", "--base_url", srv.url, "--model", "fake-llm",
+                                 "--output_dir", str(tmp_path), "--k", "3"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        by_kind = srv.stats()["by_kind"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    rejected = read_jsonl(tmp_path / "persona_rejected.jsonl")
+    reasons = [r["reason"] for r in rejected]
+    dropped = sum(r.startswith("invalid rewrite: drops numbers") for r in reasons)
+    told = reasons.count("invalid rewrite: states the answer")
+    assert dropped > 0 and told > 0
+    assert by_kind["rewrite"] == 3 * N and by_kind["solve"] == 3 * N - dropped - told  # no solve for those
+    stats = json.loads((tmp_path / "persona.stats.json").read_text())
+    assert stats["invalid_rewrites"] == {"count": dropped + told, "share": (dropped + told) / (3 * N)}
+    for row in read_jsonl(tmp_path / "persona.jsonl"):
+        assert rewrite_problem(next(r["problem"] for r in rows if r["id"] == row["parent_id"]), row["problem"],
+                               row["gold"]) is None
+
+
+@pytest.mark.parametrize("original, rewrite, gold, expected", [
+    ("Tom has 12 apples and gives 5 away. How many are left?",
+     "As a grocer, I count twelve apples and give five away. How many are left?", "7", None),
+    ("Tom has 1,200 apples and eats 25.", "Tom, a chef, has 1200 apples and eats twenty-five.", "1175", None),
+    ("Tom has 12 apples and gives 5 away.", "Tom has 12 apples and gives some away.", "7", "drops numbers"),
+    ("Tom has 12 apples and gives 5 away.", "Tom has 12 apples and gives 5 away, leaving 7.", "7", "states the answer"),
+    ("Tom has 7 apples; he buys 5 more and gives 5 away.", "A baker has 7 rolls, buys 5 and gives 5 away.", "7", None),
+    ("Compute $\\frac12 + \\frac{1}{3}$.", "As a carpenter: what is $\\frac{1}{2}+\\frac13$?", "\\frac{5}{6}", None),
+    ("Is $7$ odd or even? Enter \"odd\" or \"even\".", "As a cook: is 7 odd or even?", "odd", None),
+    ("Find $x$ if $2x = \\pi$.", "As a surveyor, find $x$ when $2x=\\pi$; it is $\\dfrac{\\pi}{2}$.", "\\frac{\\pi}{2}",
+     "states the answer"),
+    ("One of the 3 boxes holds 4 pens.", "Each of the three boxes of an office holds four pens.", "12", None),
+])
+def test_rewrite_rules(original, rewrite, gold, expected):
+    reason = rewrite_problem(original, rewrite, gold)
+    assert (reason is None) if expected is None else (expected in reason), reason
+
+
+def test_numbers_in_words_and_digits_agree():
+    assert numbers("twenty-five, two hundred and forty, four thousand five hundred") == numbers("25, 240, 4500")
+    assert numbers("1,000,000 and 3.50") == numbers("1000000 and 3.5")
