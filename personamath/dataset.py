@@ -5,7 +5,8 @@ Steps, in this order, each keeping the earlier row in input order:
 2. exact duplicates: the same problem text up to case and whitespace;
 3. near duplicates: Jaccard similarity of the problems' word 5-gram sets at least --near_dup_threshold,
    found exactly (not estimated) by a prefix-filtered similarity join;
-4. contamination: at least --contamination_threshold of a problem's word --ngram-grams occur in a test set;
+4. contamination against the GSM8K/MATH test sets (decontamination.py): n-gram overlap or containment
+   in the problem or response, then paraphrases found by embeddings, decided by a threshold or an LLM judge;
 5. a shuffle seeded by --seed.
 
 Outputs (all inside --output_dir): PersonaMathQA.jsonl, removed_duplicates.jsonl,
@@ -21,13 +22,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .data import load_any
+from .decontamination import add_decontamination_args, check_args, decontaminate
 from .errors import UserError, exit_on_user_error
 from .jsonl import iter_jsonl, write_json, write_jsonl, write_text
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEST_FILES = [ROOT / "data" / "gsm8k" / "test.jsonl", ROOT / "data" / "math" / "MATH_test.jsonl",
-                      ROOT / "data" / "math" / "math500_test.jsonl"]
 STAGES = ("cot", "persona", "reflection", "reflection_persona")
 SOURCES = ("gsm8k", "math")
 # PersonaMathQA.jsonl's columns, in order: what training reads first, then where each row came from.
@@ -45,18 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", nargs="+", required=True,
                    help="stage outputs (cot.jsonl, persona.jsonl, ...); a X.stats.json beside X.jsonl gives its yield")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--decontaminate", nargs="+", default=[str(f) for f in DEFAULT_TEST_FILES], metavar="FILE",
-                   help="GSM8K/MATH test files (format detected per file) whose problems must not leak into training "
-                        "(default: data/gsm8k/test.jsonl data/math/MATH_test.jsonl data/math/math500_test.jsonl)")
-    p.add_argument("--ngram", type=int, default=13, help="words per n-gram for decontamination (default 13)")
-    p.add_argument("--contamination_threshold", type=float, default=0.5,
-                   help="a row is contaminated when at least this fraction of its problem's n-grams occur in a "
-                        "test file (default 0.5)")
     p.add_argument("--near_dup_threshold", type=float, default=0.9,
                    help=f"a row is a near duplicate of an earlier one when the Jaccard similarity of their word "
                         f"{SHINGLE}-gram sets is at least this (default 0.9)")
     p.add_argument("--seed", type=int, default=42, help="seed of the final shuffle (default 42)")
     p.add_argument("--no_shuffle", action="store_true", help="keep the input order")
+    add_decontamination_args(p)
     return p
 
 
@@ -68,28 +60,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Build the dataset and write every output; return the exit status (1 when no row is kept)."""
-    for name in ("contamination_threshold", "near_dup_threshold"):
-        if not 0 < getattr(args, name) <= 1:
-            raise UserError(f"--{name} must be in (0, 1], got {getattr(args, name)}")
-    if args.ngram < 1:
-        raise UserError(f"--ngram must be at least 1, got {args.ngram}")
+    if not 0 < args.near_dup_threshold <= 1:
+        raise UserError(f"--near_dup_threshold must be in (0, 1], got {args.near_dup_threshold}")
+    check_args(args)
     # Everything that can fail on bad input is read before the first write, so a bad run writes nothing.
     rows, rows_per_file = read_inputs(args.inputs)
     yields = read_yields(args.inputs)
-    test_grams = load_test_grams(args.decontaminate, args.ngram)
+    out_dir = Path(args.output_dir)
 
     kept, exact = remove_exact_duplicates(rows)
     kept, near = remove_near_duplicates(kept, args.near_dup_threshold)
-    kept, contaminated = remove_contaminated(kept, test_grams, args.ngram, args.contamination_threshold)
+    kept, contaminated, decontamination = decontaminate(kept, args, out_dir)
     if not args.no_shuffle:
         random.Random(args.seed).shuffle(kept)
     dataset = [{k: row[k] for k in OUTPUT_FIELDS} for row in kept]
 
-    out_dir = Path(args.output_dir)
     write_jsonl(out_dir / "PersonaMathQA.jsonl", dataset)
     write_jsonl(out_dir / "removed_duplicates.jsonl", exact + near)
     write_jsonl(out_dir / "removed_contaminated.jsonl", contaminated)
-    stats = summarize(args, rows_per_file, dataset, exact, near, contaminated, yields)
+    stats = summarize(args, rows_per_file, dataset, exact, near, contaminated, decontamination, yields)
     write_json(out_dir / "stats.json", stats)
     markdown = render_markdown(stats)
     write_text(out_dir / "stats.md", markdown)
@@ -218,36 +207,9 @@ def _duplicate_of(row: dict) -> dict:
     return {"duplicate_of": row["id"], "duplicate_of_stage": row["stage"]}
 
 
-def load_test_grams(paths, n: int) -> dict[str, set[str]]:
-    """Every test file's problems as one set of word n-grams per file."""
-    grams = {}
-    for path in paths:
-        _, problems = load_any(path)
-        grams[str(path)] = set().union(*(ngrams(words(p.question), n) for p in problems))
-    return grams
-
-
-def remove_contaminated(rows: list[dict], test_grams: dict[str, set[str]], n: int,
-                        threshold: float) -> tuple[list[dict], list[dict]]:
-    """Drop rows with at least `threshold` of their problem's n-grams in the test files' n-grams."""
-    all_test_grams = set().union(*test_grams.values())
-    kept, removed = [], []
-    for row in rows:
-        grams = ngrams(words(row["problem"]), n)
-        matched = [g for g in grams if g in all_test_grams]
-        overlap = len(matched) / len(grams) if grams else 0.0
-        if overlap < threshold:
-            kept.append(row)
-            continue
-        # Name the file holding most of the matched n-grams (the first given, on a tie).
-        by_file = {path: sum(g in file_grams for g in matched) for path, file_grams in test_grams.items()}
-        removed.append({**row, "overlap": round(overlap, 4), "matched_test_file": max(by_file, key=by_file.get)})
-    return kept, removed
-
-
 # ----------------------------------------------------------------------------- statistics
 
-def summarize(args, rows_per_file, dataset, exact, near, contaminated, yields) -> dict:
+def summarize(args, rows_per_file, dataset, exact, near, contaminated, decontamination, yields) -> dict:
     by_stage_source = {stage: {source: 0 for source in SOURCES} for stage in STAGES}
     for row in dataset:
         by_stage_source[row["stage"]][row["source"]] += 1
@@ -257,12 +219,15 @@ def summarize(args, rows_per_file, dataset, exact, near, contaminated, yields) -
                  "by_stage": {stage: sum(counts.values()) for stage, counts in by_stage_source.items()},
                  "by_source": {source: sum(by_stage_source[s][source] for s in STAGES) for source in SOURCES}},
         "removed": {"exact_duplicates": len(exact), "near_duplicates": len(near), "contaminated": len(contaminated)},
+        "decontamination": decontamination,
         "personas": persona_coverage(dataset),
         "yield": yields,
         "diversity": {"problem": diversity(row["problem"] for row in dataset),
                       "response": diversity(row["response"] for row in dataset)},
         "settings": {"decontaminate": [str(f) for f in args.decontaminate], "ngram": args.ngram,
                      "contamination_threshold": args.contamination_threshold,
+                     "paraphrase_threshold": None if args.no_paraphrase else args.paraphrase_threshold,
+                     "paraphrase_top_k": args.paraphrase_top_k, "judge": args.judge,
                      "near_dup_threshold": args.near_dup_threshold, "near_dup_shingle_words": SHINGLE,
                      "shuffle": not args.no_shuffle, "seed": args.seed},
     }
@@ -312,6 +277,8 @@ def render_markdown(stats: dict) -> str:
               f"| near duplicate | {removed['near_duplicates']} |",
               f"| contaminated | {removed['contaminated']} |"]
 
+    lines += decontamination_markdown(stats["decontamination"])
+
     lines += ["", "## Yield of the generation stages", ""]
     if stats["yield"]:
         lines += ["| stage | inputs | attempted | kept | yield | complete | stats file |",
@@ -338,10 +305,37 @@ def render_markdown(stats: dict) -> str:
 
     s = stats["settings"]
     shuffle = f"shuffled with seed {s['seed']}" if s["shuffle"] else "not shuffled"
+    paraphrase = ("no paraphrase pass" if s["paraphrase_threshold"] is None else
+                  f"paraphrases at cosine >= {s['paraphrase_threshold']} (top {s['paraphrase_top_k']}), judge "
+                  f"{s['judge']}")
     lines += ["", f"Settings: near duplicates at Jaccard >= {s['near_dup_threshold']} of word "
-                  f"{s['near_dup_shingle_words']}-grams; contaminated at >= {s['contamination_threshold']} of word "
-                  f"{s['ngram']}-grams in {', '.join(s['decontaminate'])}; {shuffle}."]
+                  f"{s['near_dup_shingle_words']}-grams; contaminated when a row holds >= "
+                  f"{s['contamination_threshold']} of a test item's word {s['ngram']}-grams (shorter items: "
+                  f"contained), {paraphrase}; test files {', '.join(s['decontaminate'])}; {shuffle}."]
     return "\n".join(lines) + "\n"
+
+
+def decontamination_markdown(d: dict) -> list[str]:
+    items = d["test_items"]
+    lines = ["", "## Decontamination", "",
+             f"Against {items['distinct']} distinct test problems ({items['read']} read; "
+             f"{items['shorter_than_ngram']} shorter than the n-gram, matched by containment).", "",
+             "| method | rows removed |", "|---|---:|"]
+    lines += [f"| {method} | {n} |" for method, n in d["removed_by_method"].items()]
+    paraphrase, judge = d["paraphrase"], d["judge"]
+    if paraphrase is None:
+        return lines + ["", "Paraphrase pass: off."]
+    lines += ["", f"Paraphrase pass ({paraphrase['model']}): {paraphrase['rows_above_threshold']} of "
+                  f"{paraphrase['rows_checked']} rows had {paraphrase['pairs_above_threshold']} test items at "
+                  f"cosine >= {paraphrase['threshold']}, decided by the {d['decided_by']}; embedding took "
+                  f"{paraphrase['seconds_test_items']} s for the test items (0 when cached) and "
+                  f"{paraphrase['seconds_rows']} s for the rows."]
+    if judge is not None:
+        verdicts = ", ".join(f"{v} {n}" for v, n in sorted(judge["verdicts"].items())) or "none"
+        lines.append(f"Judge {judge['model']} ({judge['prompt']}): {judge['pairs']} pairs, {judge['requests']} "
+                     f"requests sent, {judge['cache_hits']} cached; verdicts: {verdicts}; "
+                     f"{judge['rows_kept_by_judge']} rows kept as different.")
+    return lines
 
 
 def _percent(fraction) -> str:

