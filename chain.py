@@ -23,7 +23,7 @@ from personamath.data import records
 from personamath.embedded_model import DEFAULT_DIR as EMBEDDED_MODEL
 from personamath.errors import UserError, exit_on_user_error
 from personamath.jsonl import write_jsonl
-from personamath.precision import CHOICES, ENV_VAR, resolve_dtype
+from personamath.precision import CHOICES, ENV_VAR
 
 ROOT = Path(__file__).resolve().parent
 TRAIN_FILES = {"gsm8k": ROOT / "data/gsm8k/train.jsonl", "math": ROOT / "data/math/MATH_train.jsonl"}
@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--llm_url", default=None, help="an OpenAI-compatible server to use instead of starting the "
                                                    "embedded one (the key, if any, from $OPENAI_API_KEY)")
     g.add_argument("--llm_model", default=None, help="model name at --llm_url")
+    g.add_argument("--decontam_judge", choices=["off", "llm"], default="off",
+                   help="who decides build_dataset's paraphrase candidates: the threshold (off), or the --llm_url "
+                        "model as judge (llm; needs --llm_url: the embedded model is too weak to judge)")
     t = p.add_argument_group("training and evaluation")
     t.add_argument("--base_model", default=str(EMBEDDED_MODEL), help="model to fine-tune and evaluate")
     t.add_argument("--ranks", type=int, default=1, help="DeepSpeed ranks (CPU ranks without a GPU)")
@@ -77,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "where the CPU computes it natively, else float32; on a GPU the model's own)")
     p.add_argument("--progress_interval", type=float, default=30, help="seconds between progress lines of a step")
     args = p.parse_args(argv)
+    if args.decontam_judge == "llm" and not args.llm_url:
+        p.error("--decontam_judge llm needs --llm_url: the embedded model is too weak to judge contamination")
     # Steps run from the repository root: local paths given from elsewhere are made absolute (a hub
     # name such as Qwen/Qwen2.5-7B is left as it is).
     args.math_test_file = args.math_test_file.resolve()
@@ -95,7 +100,6 @@ class Chain:
         self.done_dir.mkdir(exist_ok=True)
         self.server_state = self.run_dir / "server.json"
         self.rerun_rest = False
-        self.dtype = resolve_dtype(args.dtype)
 
     def signature(self, command: list[str], env: dict | None) -> str:
         """What a step is, for its done marker: its command and settings, less the server's address
@@ -207,8 +211,10 @@ class Chain:
             finally:
                 self.stop_llm()
         dataset = self.run_dir / "dataset"
+        judge = (["--judge", "llm", "--judge_model", self.llm_model(), "--judge_base_url", self.args.llm_url]
+                 if self.args.decontam_judge == "llm" else [])
         self.step("build_dataset", self.py("build_dataset.py", "--output_dir", dataset,
-                                           "--inputs", *[gen / f"{name}.jsonl" for name in GEN_OUTPUTS]),
+                                           "--inputs", *[gen / f"{name}.jsonl" for name in GEN_OUTPUTS], *judge),
                   ok_codes=(0, 1))
         rows = json.loads((dataset / "stats.json").read_text())["kept"]["total"] if (dataset / "stats.json").exists() else 0
         if not rows:
@@ -224,13 +230,14 @@ class Chain:
             return self.args.llm_url, ""
         from personamath.serve import start
 
-        print(f"[chain] starting the embedded LLM server ({self.dtype.dtype})", flush=True)
+        print("[chain] starting the embedded LLM server", flush=True)
         # On the port it had before, when free: the stages' cache is keyed by the server's URL, so a
         # resumed run finds the answers of the one before.
         port_file = self.run_dir / "server.port"
         port = int(port_file.read_text()) if port_file.exists() else None
         info = start(state=self.server_state, dtype=self.args.dtype, port=port)
         port_file.write_text(info["url"].split(":")[-1].removesuffix("/v1"))
+        print(f"[chain] embedded LLM server at {info['url']} in {info['dtype']} ({info['dtype_reason']})", flush=True)
         return info["url"], (f"The embedded server served in {info['dtype']} ({info['dtype_reason']}; --dtype "
                              f"overrides it); its log: {info['log']}\n")
 
@@ -271,7 +278,7 @@ class Chain:
                                                          *self.dtype_args(), *shlex.split(a.eval_args)))
 
     def dtype_args(self) -> list[str]:
-        """--dtype as given: without one, each vLLM engine makes the same choice as self.dtype, and says why."""
+        """--dtype as given: without one, each vLLM engine chooses by the same rule, and says why."""
         return ["--dtype", self.args.dtype] if self.args.dtype else []
 
     def run(self) -> None:

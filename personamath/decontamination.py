@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEST_FILES = [ROOT / "data" / "gsm8k" / "test.jsonl", ROOT / "data" / "math" / "MATH_test.jsonl",
                       ROOT / "data" / "math" / "math500_test.jsonl"]
 DEFAULT_CACHE_DIR = ROOT / ".cache" / "decontamination"
+# The default test sets' embeddings, computed once (`build_dataset.py ... --embedding_cache_dir
+# data/decontamination`) and shipped: embedding 6.3K test problems takes minutes on a small CPU.
+SHIPPED_DIR = ROOT / "data" / "decontamination"
 FIELDS = ("problem", "response")  # the row texts the overlap pass searches
 WORD = re.compile(r"\w+")
 # Containment keeps operators, so that `(1+2i)6-3i` does not match `(1+2i)6+3i`, and drops `$` and
@@ -236,20 +239,23 @@ class Embedder:
         return out
 
     def encode_cached(self, items: list[TestItem], cache_dir: Path):
-        """The test items' embeddings, computed once per set of test texts and model version."""
+        """The test items' embeddings, computed once per set of test texts and model version. Stored in
+        float16 (cosines move by < 1e-3), so shipped and freshly computed ones give the same verdicts."""
         import numpy as np
         import torch
 
         key = hashlib.sha256("\0".join([self.name, str(MAX_TOKENS), *(i.text for i in items)]).encode()).hexdigest()
-        path = Path(cache_dir) / f"test-{MODEL_NAME}-{key[:16]}.npy"
-        if path.is_file():
-            return torch.from_numpy(np.load(path))
-        embeddings = self.encode([i.text for i in items])
+        name = f"test-{MODEL_NAME}-{key[:16]}.fp16.npy"
+        for folder in (SHIPPED_DIR, Path(cache_dir)):
+            if (folder / name).is_file():
+                return torch.from_numpy(np.load(folder / name).astype(np.float32))
+        embeddings = self.encode([i.text for i in items]).half()
+        path = Path(cache_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npy")  # renamed when whole: a killed run leaves no bad cache
         np.save(tmp, embeddings.numpy())
         tmp.replace(path)
-        return embeddings
+        return embeddings.float()
 
 
 def nearest(row_embeddings, test_embeddings, k: int, threshold: float) -> list[list[tuple[int, float]]]:

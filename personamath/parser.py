@@ -164,7 +164,8 @@ _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mbox|emph)(?!
 _NOT_IN_WORDS = re.compile(r"[^A-Za-z\s(),.'\"{}$]")
 
 
-def _spelling(latex: str) -> str:
+def spelling(latex: str) -> str:
+    """The text without what only changes how an answer is written (see _SPELLING)."""
     return _SPELLING.sub("", latex).replace("^\\circ", "").rstrip(".")  # `^{ \circ }` is `^\circ` by then
 
 
@@ -180,9 +181,9 @@ def restates_problem(answer: str, problem: str, gold: str) -> bool:
     counts, even where the problem holds it: the gold as written, in any spelling (see _SPELLING); a
     number, or a list of numbers; words, such as a choice the problem offers (Enter "odd", "even", or
     "neither"). Spelling is ignored on the problem's side too, so `16 ^ {7/4}` restates `16^{7/4}`."""
-    spelled = _spelling(answer)
-    if not spelled or spelled == _spelling(gold) or _is_words(answer):
+    spelled = spelling(answer)
+    if not spelled or spelled == spelling(gold) or _is_words(answer):
         return False
     if all(_is_plain_number(part) for part in spelled.split(",")):
         return False
-    return spelled in _spelling(problem)
+    return spelled in spelling(problem)

@@ -8,6 +8,8 @@ which is what solving it afresh and comparing with the gold answer is for.
 import re
 from decimal import Decimal, InvalidOperation
 
+from .parser import spelling
+
 UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
 TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
@@ -60,20 +62,16 @@ def numbers(text: str) -> set[Decimal]:
     return {v for v in values if v is not None} | _word_numbers(text)
 
 
-def _normalized(text: str) -> str:
-    return re.sub(r"\s+", "", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").lower()
-
-
 def states_answer(text: str, gold: str) -> bool:
     """Whether the text states the gold answer: its value among the text's numbers, or for a gold that
     is no plain number (an expression, a word), its normalised spelling inside the text."""
     value = _value(gold.strip())
     if value is not None:
         return value in numbers(text)
-    spelled = _normalized(gold)
+    spelled = spelling(gold).lower()
     if re.fullmatch(r"[a-z]+", spelled):  # a word must stand alone: "odd" is not in "oddly"
         return re.search(rf"\b{spelled}\b", text.lower()) is not None
-    return bool(spelled) and spelled in _normalized(text)
+    return bool(spelled) and spelled in spelling(text).lower()
 
 
 def rewrite_problem(original: str, rewrite: str, gold: str) -> str | None:

@@ -34,25 +34,33 @@ def chain(runs_dir, url, base_model, *extra):
                       "--n_math", str(N_MATH), "--num_samples", "1", "--k1", "2", "--k2", "2", "--llm_url", url,
                       "--llm_model", "fake-llm", "--base_model", str(base_model), "--epochs", "1",
                       "--eval_gsm8k", str(N_EVAL), "--eval_math", str(N_EVAL), "--eval_max_tokens", "16",
-                      "--progress_interval", "2", *extra, timeout=900)
+                      "--progress_interval", "2", "--decontam_judge", "llm", *extra, timeout=900)
 
 
 def count(path) -> int:
     return len(read_jsonl(path))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_base):
     run, gen = tmp_path / "small", tmp_path / "small/gen"
+    # One address for the three runs, as a user's --llm_url is: the judge's cache is keyed by it.
+    fake = FakeServerConfig(problems=train_problems, port=free_port())
     # A failing step (here training, given an option train.py does not know) stops the chain with
     # its log's tail; what finished is kept, and the rerun resumes at that step.
-    with start_in_thread(FakeServerConfig(problems=train_problems)) as server:
+    with start_in_thread(fake) as server:
         failed = chain(tmp_path, server.url, tiny_base, "--train_args", "--no_such_option 1")
         assert server.stats()["requests"] > 0
     assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
     assert "error: step train failed" in failed.stderr and "no_such_option" in failed.stderr
     assert "run the same command again to resume from train" in failed.stderr
     assert (run / ".done/build_dataset").exists() and not (run / ".done/train").exists()
-    with start_in_thread(FakeServerConfig(problems=train_problems)) as server:
+    with start_in_thread(fake) as server:
         result = chain(tmp_path, server.url, tiny_base)
         assert server.stats()["requests"] == 0
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -75,6 +83,8 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     dataset = json.loads((run / "dataset/stats.json").read_text())
     kept_rows = sum(count(gen / f"{n}.jsonl") for n in ("cot", "persona", "reflection", "reflection_persona"))
     assert dataset["rows_read"]["total"] == kept_rows
+    judge = dataset["decontamination"]["judge"]  # the chain's LLM judged the paraphrase candidates
+    assert (judge["model"], judge["base_url"], dataset["settings"]["judge"]) == ("fake-llm", server.url, "llm")
     assert dataset["kept"]["total"] == count(run / "dataset/PersonaMathQA.jsonl") > 0
     assert json.loads((run / "train/train_data_stats.json").read_text())["examples"] == dataset["kept"]["total"]
     assert (run / "train/model.safetensors").is_file()
@@ -97,7 +107,7 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
                      .read_text(), re.M)
 
     # A rerun finds every step done and only rebuilds the report.
-    with start_in_thread(FakeServerConfig(problems=train_problems)) as server:
+    with start_in_thread(fake) as server:
         rerun = chain(tmp_path, server.url, tiny_base)
         assert server.stats()["requests"] == 0
     assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") >= 5
@@ -148,10 +158,11 @@ def test_chain_starts_generates_through_and_stops_the_embedded_server(tmp_path, 
     assert "[chain] starting the embedded LLM server" in result.stdout, result.stderr[-3000:]
     assert "[chain] embedded LLM server stopped" in result.stdout and not (run / "server.json").exists()
     dtype = choose_dtype().dtype  # served as the CPU computes it, as precision.choose_dtype() decided
-    assert f"[chain] starting the embedded LLM server ({dtype})" in result.stdout
     assert f"dtype=torch.{dtype}" in (run / "server.log").read_text()
     command = (run / "logs/gen_cot.log").read_text().splitlines()[0].split()
     port = int(command[command.index("--base_url") + 1].split(":")[-1].removesuffix("/v1"))
+    assert re.search(rf"^\[chain\] embedded LLM server at http://127\.0\.0\.1:{port}/v1 in {dtype} \(.+\)$",
+                     result.stdout, re.M), result.stdout
     with pytest.raises(OSError):  # nothing listens there any more
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     cot = json.loads((run / "gen/cot.stats.json").read_text())
