@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NAME ?= embedded
 CHAIN_ARGS ?=
 
-.PHONY: setup run test bench
+.PHONY: setup run test test-fast bench lock
 
 setup:
 	bash scripts/setup.sh
@@ -17,7 +17,16 @@ run: setup
 test: setup
 	$(PY) -m pytest tests
 
+# The tests that start no vLLM engine and no DeepSpeed process (minutes, not half an hour).
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+# Regenerate requirements/{cpu,gpu}.lock.txt from requirements.txt (scripts/lock.sh; minutes).
+lock:
+	bash scripts/lock.sh
+
 bench: setup
 	$(PY) bench/bench_grading.py
 	$(PY) bench/bench_generation.py
+	$(PY) bench/bench_ratelimit.py
 	$(PY) bench/bench_train.py

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from personamath.data import load_any
 from personamath.errors import exit_on_user_error
-from personamath.llm import LLMClient
-from personamath.pipeline import (SOLVE, AsyncGrader, Outcome, print_estimate, run_items, solve, solve_messages,
-                                  stage_parser, write_stage)
+from personamath.pipeline import (SOLVE, AsyncGrader, Outcome, make_client, print_estimate, run_items, solve,
+                                  solve_messages, stage_parser, write_stage)
 
 DEFAULT_INPUTS = ["data/gsm8k/train.jsonl", "data/math/MATH_train.jsonl"]
 
@@ -57,7 +56,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     questions = load_questions(args.inputs, args.limit)
-    llm = LLMClient(args, output_dir)
+    llm = make_client(args, output_dir)
     if args.dry_run:
         first = [(solve_messages(p.question), 0) for _, p in questions]
         print_estimate("gen_cot", llm, first, note=f"; at most {args.num_samples}x that with --num_samples "

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 from personamath.errors import exit_on_user_error
-from personamath.llm import LLMClient
 from personamath.personas import add_persona_args, persona_pool
-from personamath.pipeline import (REWRITE, SOLVE, AsyncGrader, persona_variants, print_estimate, propose_messages,
-                                  read_stage_rows, rewrite_messages, run_items, solve_messages, stage_parser,
-                                  write_stage)
+from personamath.pipeline import (REWRITE, SOLVE, AsyncGrader, make_client, persona_variants, print_estimate,
+                                  propose_messages, read_stage_rows, rewrite_messages, run_items, solve_messages,
+                                  stage_parser, write_stage)
 
 # --dry_run's stand-in for a persona the LLM has not proposed yet: about the length of a real one.
 PLACEHOLDER_PERSONA = "I am a person who works with quantities like these every day and asks about them. " * 2
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     rows = read_stage_rows(args.input or output_dir / "cot.jsonl")[:args.limit]
     pool = persona_pool(args)
-    llm = LLMClient(args, output_dir)
+    llm = make_client(args, output_dir)
     if args.dry_run:
         print_estimate("persona_augment", llm, dry_run_requests(rows, pool, args),
                        note=" (solve requests estimated from the original question)")

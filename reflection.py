@@ -7,8 +7,10 @@ and when the answer is wrong the LLM reflects on it; the rewrite is kept if it e
 
     python reflection.py --output_dir runs/gen --k 3 --format reflection
 
---format reflection: the response holds the reflection and the corrected solution;
---format solution: the corrected solution only.
+--format solution (default): the response is the corrected solution alone, so that a training row's
+prompt (the question) shows all the response refers to;
+--format reflection: the response holds the reflection and the corrected solution, and the row keeps
+the wrong attempt it reflects on (`wrong_attempt`), which training shows in the prompt.
 Reads OUTPUT_DIR/cot_failed.jsonl (or --input); writes reflection.jsonl, reflection_failed.jsonl,
 reflection_persona.jsonl, reflection_persona_rejected.jsonl and a .stats.json for each phase.
 """
@@ -17,26 +19,27 @@ import sys
 from pathlib import Path
 
 from personamath.errors import UserError, exit_on_user_error
-from personamath.llm import LLMClient, Ledger
 from personamath.personas import add_persona_args, persona_pool
-from personamath.pipeline import (REFLECT, REWRITE, SOLVE, AsyncGrader, GradingTally, Outcome, persona_variants,
-                                  print_estimate, read_stage_rows, reflect, reflect_messages, run_items, stage_parser,
-                                  write_stage)
+from personamath.pipeline import (REFLECT, REWRITE, SOLVE, AsyncGrader, GradingTally, Outcome, fresh_ledger,
+                                  make_client, persona_variants, print_estimate, read_stage_rows, reflect,
+                                  reflect_messages, run_items, stage_parser, write_stage)
 
 
 def parse_args(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--input", default=None, help="stage-1 failures (default: OUTPUT_DIR/cot_failed.jsonl)")
-    p.add_argument("--format", choices=["reflection", "solution"], default="reflection",
-                   help="what a reflected row's response holds")
+    p.add_argument("--format", choices=["solution", "reflection"], default="solution",
+                   help="what a reflected row's response holds: the corrected solution (default), or the reflection "
+                        "and the corrected solution, with the wrong attempt kept in the row for the training prompt")
     add_persona_args(p, k_help="K2: personas (rewrites) per corrected question")
     return p.parse_args(argv)
 
 
-def reflected_response(reflection: str, solution: str, fmt: str) -> str:
+def reflected_response(reflection: str, solution: str, wrong: str, fmt: str) -> tuple[str, str | None]:
+    """The row's response, and the wrong attempt it refers to (None when it refers to none)."""
     if fmt == "solution" or not reflection:
-        return solution
-    return f"Reflection: {reflection}\n\nCorrected solution: {solution}"
+        return solution, None
+    return f"Reflection: {reflection}\n\nCorrected solution: {solution}", wrong
 
 
 async def correct_question(llm, grader, row, fmt) -> Outcome:
@@ -46,8 +49,9 @@ async def correct_question(llm, grader, row, fmt) -> Outcome:
     if not correct:
         return Outcome(attempted=1, rejected=[{**base, "wrong_attempt": wrong, "reflection": reflection,
                                                "solution": solution, "reason": "still wrong after reflection"}])
+    response, shown = reflected_response(reflection, solution, wrong, fmt)
     return Outcome(attempted=1, kept=[{
-        **base, "stage": "reflection", "response": reflected_response(reflection, solution, fmt), "persona": None,
+        **base, "stage": "reflection", "response": response, "wrong_attempt": shown, "persona": None,
         "persona_id": None, "level": row.get("level"), "subject": row.get("subject"), "model": llm.model,
         "prompt_version": REFLECT.version}])
 
@@ -55,7 +59,8 @@ async def correct_question(llm, grader, row, fmt) -> Outcome:
 async def augment_corrected(llm, grader, row, pool, args) -> Outcome:
     async def fix(problem, wrong):
         reflection, solution, correct = await reflect(llm, grader, row["source"], problem, row["gold"], wrong)
-        return reflected_response(reflection, solution, args.format), correct
+        response, shown = reflected_response(reflection, solution, wrong, args.format)
+        return response, correct, shown
 
     return await persona_variants(llm, grader, row, pool, args.k, args.persona_seed, "reflection_persona", fix=fix)
 
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
         if not row.get("attempts"):
             raise UserError(f"{input_path}: row {row['id']} has no wrong attempts to reflect on")
     pool = persona_pool(args)
-    llm = LLMClient(args, output_dir)
+    llm = make_client(args, output_dir)
     if args.dry_run:
         print_estimate("reflection", llm, [(reflect_messages(r["problem"], r["attempts"][-1]["response"]), 0)
                                            for r in failed],
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
         if status != 0:
             return status
         # Phase 2 runs even over no corrected question, so that all four outputs always exist.
-        llm.ledger = Ledger(model=llm.model, price=llm.ledger.price)  # phase 2 gets its own account
+        llm.ledger = fresh_ledger(llm.ledger)  # phase 2 gets its own account
         grader.tally = GradingTally()  # and its own count of gradings
         # each rewrite: rewrite, solve and, when wrong, reflect
         augmented = asyncio.run(run_items(corrected.kept, lambda row: augment_corrected(llm, grader, row, pool, args),

@@ -7,7 +7,10 @@ per evaluated model), RUN_DIR/gen/*.stats.json and RUN_DIR/dataset/stats.json wh
 published figures (data/reference/published_results.csv). Writes RUN_DIR/report.md (also printed)
 and RUN_DIR/plots/: math_by_level.png, math_by_subject.png, stage_yields.png.
 A LABEL spelled like a published model (e.g. PersonaMath-Qwen2.5-7B, or Llama-2-7b-hf for LLaMA-2-7B) is
-shown beside its figures; chain.py names its folders that way (the base model's name, PersonaMath-NAME).
+shown beside its figures, for a task evaluated under the authors' protocol (`--protocol authors`, no
+deviation) only: under `ours` (or with another --max_tokens) the numbers measure something else, and the
+report says so. chain.py names its folders that way (the base model's name, PersonaMath-NAME).
+Each result column is labelled with the protocol its evaluations were generated under.
 """
 import argparse
 import csv
@@ -15,6 +18,7 @@ import json
 from pathlib import Path
 
 from personamath.errors import UserError, exit_on_user_error
+from personamath import provenance
 from personamath.jsonl import write_text
 
 PUBLISHED = Path(__file__).resolve().parent / "data/reference/published_results.csv"
@@ -44,21 +48,84 @@ def load_evals(run_dir: Path) -> dict[str, dict[str, dict]]:
     return evals
 
 
-def pct(summary: dict | None, grader: str) -> str:
+TASK_NAMES = {"gsm8k": "GSM8K", "math": "MATH"}
+PUBLISHED_COLUMNS = {"gsm8k": "gsm8k_pass1", "math": "math_pass1"}
+
+
+def protocol_of(summary: dict) -> dict:
+    """The summary's generation protocol; summaries written before protocols were recorded say none."""
+    return summary.get("protocol") or {"name": "unrecorded", "deviations": [], "comparable": False}
+
+
+def protocol_tag(summary: dict) -> str:
+    """`authors`, `ours`, or `authors*` (the authors' protocol with a deviation, e.g. another max_tokens)."""
+    protocol = protocol_of(summary)
+    return protocol["name"] + ("*" if protocol.get("deviations") else "")
+
+
+def comparable(summary: dict | None) -> bool:
+    """Whether a summary measures what the published table does: generated under the authors' protocol,
+    unchanged."""
+    if summary is None:
+        return False
+    protocol = protocol_of(summary)
+    return protocol["name"] == "authors" and not protocol.get("deviations")
+
+
+def pct(summary: dict | None, grader: str, tag: bool = False) -> str:
     if summary is None or grader not in summary["accuracy"]:
         return "—"
-    return f"{100 * summary['accuracy'][grader]:.1f} ({summary['correct'][grader]}/{summary['n']})"
+    text = f"{100 * summary['accuracy'][grader]:.1f} ({summary['correct'][grader]}/{summary['n']})"
+    return f"{text} [{protocol_tag(summary)}]" if tag else text
 
 
-def results_table(evals: dict, published: dict) -> list[str]:
-    lines = ["| model | GSM8K paper | GSM8K verify | MATH paper | MATH verify | published GSM8K | published MATH |",
-             "|---|---|---|---|---|---|---|"]
+def published_cell(summary: dict | None, ref: dict, task: str) -> str:
+    figure = ref.get(PUBLISHED_COLUMNS[task])
+    if figure is None:
+        return "—"
+    if summary is None or comparable(summary):
+        return figure
+    return f"not shown ({protocol_tag(summary)})"
+
+
+def results_table(evals: dict, published: dict) -> tuple[list[str], list[str]]:
+    """The results table, its columns labelled with their protocols, and notes on what is not shown."""
+    tags = {task: sorted({protocol_tag(tasks[task]) for tasks in evals.values() if task in tasks}) for task in TASKS}
+    mixed = {task for task, found in tags.items() if len(found) > 1}
+    header = ["model"]
+    for task in TASKS:
+        label = f" ({'/'.join(tags[task])})" if tags[task] else ""
+        header += [f"{TASK_NAMES[task]} {grader}{label}" for grader in GRADERS]
+    header += ["published GSM8K", "published MATH"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    hidden = []
     for label, tasks in evals.items():
         ref = published.get(published_key(label), {})
-        lines.append(f"| {label} | {pct(tasks.get('gsm8k'), 'paper')} | {pct(tasks.get('gsm8k'), 'verify')} | "
-                     f"{pct(tasks.get('math'), 'paper')} | {pct(tasks.get('math'), 'verify')} | "
-                     f"{ref.get('gsm8k_pass1', '—')} | {ref.get('math_pass1', '—')} |")
-    return lines
+        cells = [label]
+        for task in TASKS:
+            cells += [pct(tasks.get(task), grader, tag=task in mixed) for grader in GRADERS]
+        for task in TASKS:
+            cells.append(published_cell(tasks.get(task), ref, task))
+            if ref and task in tasks and not comparable(tasks[task]):
+                hidden.append(f"{label} / {task} ({describe(tasks[task])})")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    if hidden:
+        notes.append("Published figures are shown only beside evaluations generated under the authors' protocol "
+                     "(`--protocol authors`: their stop list, bare words such as 'Question' and 'Response' "
+                     "included, and max_tokens 4096). Not shown for: " + "; ".join(hidden) + ". Under `ours` "
+                     "generation stops only at the next Alpaca block, so a solution the authors' stop list "
+                     "would cut (\"Question 2 asks...\") is graded whole: not the published measurement.")
+    return lines, notes
+
+
+def describe(summary: dict) -> str:
+    protocol = protocol_of(summary)
+    if protocol["name"] == "unrecorded":
+        return "protocol not recorded (evaluated before protocols were)"
+    if protocol.get("deviations"):
+        return f"protocol {protocol['name']} with {'; '.join(protocol['deviations'])}"
+    return f"protocol {protocol['name']}"
 
 
 def yields_table(run_dir: Path) -> tuple[list[str], list[dict]]:
@@ -115,17 +182,23 @@ def write_report(run_dir: Path) -> str:
         raise UserError(f"{run_dir}/eval: no evaluation summaries (expected eval/LABEL/{{gsm8k,math}}/summary.json)")
     published = load_published()
     plots = run_dir / "plots"
+    table, notes = results_table(evals, published)
     lines = [f"# PersonaMath run report: {run_dir.name}", "", "## Results (Pass@1, %, greedy)", "",
-             *results_table(evals, published), "",
-             "`paper`: the authors' answer extraction and comparison (comparable with the published table); "
-             "`verify`: math-verify equivalence. Published figures: the authors' README "
-             "(data/reference/published_results.csv), full test sets; ours are on the slices named below.", ""]
+             *table, "",
+             "Column labels name the generation protocol (`authors`: the authors' eval scripts, stop list included; "
+             "`ours`: stops only at the next Alpaca block; `*`: with a deviation, listed below). "
+             "`paper`: the authors' answer extraction and comparison (comparable with the published table for "
+             "`authors` generations); `verify`: math-verify equivalence. Published figures: the authors' README "
+             "(data/reference/published_results.csv), full test sets; ours are on the slices named below.", "",
+             *[line for note in notes for line in (note, "")]]
     for label, tasks in evals.items():
         for task, summary in tasks.items():
             gen = summary["generation"]
-            lines.append(f"- {label} / {task}: `{summary['model']}` on {summary['n']} items of "
-                         f"`{gen['data_file']}`, prompt `{gen['prompt_version']}`, max_tokens "
-                         f"{gen['sampling']['max_tokens']}")
+            source = (f"items of `{gen['data_file']}`, prompt `{gen['prompt_version']}`, max_tokens "
+                      f"{gen['sampling']['max_tokens']}" if "data_file" in gen
+                      else f"items re-graded from `{gen.get('regraded_from')}`")
+            lines.append(f"- {label} / {task}: `{summary['model']}` on {summary['n']} {source}, "
+                         f"{describe(summary)} ({provenance.short(summary.get('provenance'))})")
     lines.append("")
     ytable, stats = yields_table(run_dir)
     if stats:
@@ -147,6 +220,8 @@ def write_report(run_dir: Path) -> str:
     lines += ["## Published (the authors' table)", "", "| model | GSM8K | MATH | source |", "|---|---|---|---|",
               *[f"| {r['model']} | {r['gsm8k_pass1']} | {r['math_pass1']} | {r['source']} |" for r in published.values()],
               ""]
+    lines += [*provenance.markdown(provenance.provenance()),
+              "(of this report; each evaluation's own is in its summary.json, each stage's in its stats)", ""]
     report = "\n".join(lines)
     write_text(run_dir / "report.md", report)
     return report

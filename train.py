@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 from personamath import sft
 from personamath.errors import UserError, exit_on_user_error
+from personamath.jsonl import write_json
+from personamath.provenance import provenance
 
 logger = logging.getLogger("train")
 # Attention implementations that keep packed examples apart given position_ids (transformers
@@ -126,7 +128,7 @@ def build_dataset(data_args: DataArguments, training_args: TrainingArguments, to
     if stats["truncated"]:
         logger.warning("%d of %d examples were longer than --model_max_length %d and were truncated "
                        "(their EOS is cut off)", stats["truncated"], stats["examples"], training_args.model_max_length)
-    return dataset.remove_columns(["truncated", "straddled", "response_tokens"]), stats
+    return dataset.remove_columns(["truncated", "straddled", "response_tokens", "shows_wrong_attempt"]), stats
 
 
 def collator(tokenizer, packing: bool, pad_to_multiple_of: int | None):
@@ -162,8 +164,13 @@ def train(argv: list[str]) -> None:
     # Under ZeRO-3 save_model gathers the partitioned weights (stage3_gather_16bit_weights_on_model_save).
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "train_data_stats.json"), "w") as f:
-            json.dump(stats, f, indent=2)
+        record = provenance()
+        write_json(os.path.join(training_args.output_dir, "train_data_stats.json"), {**stats, "provenance": record})
+        # trainer_state.json holds the loss curve: it says what produced it too.
+        state_file = os.path.join(training_args.output_dir, "trainer_state.json")
+        with open(state_file) as f:
+            state = json.load(f)
+        write_json(state_file, {**state, "provenance": record})
 
 
 def _without_length(collate):

@@ -1,6 +1,6 @@
 """Throughput of a generation stage against a server of known capacity, concurrent vs sequential.
 
-The fake OpenAI server (personamath/fake_server.py, its own process) answers every request after a
+The fake OpenAI server (tests/fake_server.py, its own process) answers every request after a
 fixed latency L with M parallel slots: its capacity is M / L requests/s. gen_cot.py (one request per
 question here) runs over N GSM8K questions with --concurrency M, then over a few with --concurrency 1,
 each with a fresh cache. Prints items/s of both, the concurrent run's share of the server's capacity,
@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the test doubles
 import gen_cot  # noqa: E402
 
 GSM8K = ROOT / "data" / "gsm8k" / "train.jsonl"
 
 
 def start_server(latency: float, slots: int, port_file: Path) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "personamath.fake_server", "--problems", str(GSM8K),
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_server.py"), "--problems", str(GSM8K),
                                 "--latency", str(latency), "--slots", str(slots), "--port_file", str(port_file)],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
     process.stdout.readline()  # "listening on ..." once it serves

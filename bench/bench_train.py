@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the test doubles
 
 import torch  # noqa: E402
 from transformers import AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
@@ -27,7 +27,7 @@ import train  # noqa: E402
 from personamath import sft  # noqa: E402
 from personamath.jsonl import read_jsonl  # noqa: E402
 from personamath.prompts import load_prompt  # noqa: E402
-from personamath.tiny_model import make_tiny_llama  # noqa: E402
+from tiny_model import make_tiny_llama  # noqa: E402
 
 
 def real_rows(n: int) -> list[dict]:

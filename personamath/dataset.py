@@ -25,12 +25,16 @@ from pathlib import Path
 from .decontamination import add_decontamination_args, check_args, decontaminate
 from .errors import UserError, exit_on_user_error
 from .jsonl import iter_jsonl, write_json, write_jsonl, write_text
+from .provenance import markdown as provenance_markdown
+from .provenance import provenance
 
 STAGES = ("cot", "persona", "reflection", "reflection_persona")
 SOURCES = ("gsm8k", "math")
 # PersonaMathQA.jsonl's columns, in order: what training reads first, then where each row came from.
-OUTPUT_FIELDS = ("problem", "response", "id", "parent_id", "source", "stage", "gold", "persona", "persona_id",
-                 "model", "prompt_version")
+# `wrong_attempt`: the attempt a reflection row's response reflects on (reflection.py --format reflection),
+# which training shows in the prompt; None elsewhere.
+OUTPUT_FIELDS = ("problem", "response", "wrong_attempt", "id", "parent_id", "source", "stage", "gold", "persona",
+                 "persona_id", "model", "prompt_version")
 SHINGLE = 5  # words per shingle for near duplicates
 ISCO_SUB_MAJOR_GROUPS = 43  # ISCO-08 has 43 two-digit sub-major groups; the built-in personas are isco-XX-N
 ISCO_ID = re.compile(r"isco-(\d\d)-\d+")
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     kept, contaminated, decontamination = decontaminate(kept, args, out_dir)
     if not args.no_shuffle:
         random.Random(args.seed).shuffle(kept)
-    dataset = [{k: row[k] for k in OUTPUT_FIELDS} for row in kept]
+    dataset = [{k: row.get(k) for k in OUTPUT_FIELDS} for row in kept]
 
     write_jsonl(out_dir / "PersonaMathQA.jsonl", dataset)
     write_jsonl(out_dir / "removed_duplicates.jsonl", exact + near)
@@ -101,7 +105,7 @@ def read_inputs(paths) -> tuple[list[dict], dict[str, int]]:
         rows_per_file[str(path)] = 0
         for lineno, row in iter_jsonl(path):
             where = f"{path}:{lineno}"
-            missing = [k for k in OUTPUT_FIELDS if k not in row]
+            missing = [k for k in OUTPUT_FIELDS if k not in row and k != "wrong_attempt"]  # the one optional
             if missing:
                 raise UserError(f"{where}: not a stage output row (missing {', '.join(missing)})")
             empty = [k for k in ("problem", "response", "id") if not isinstance(row[k], str) or not row[k].strip()]
@@ -111,7 +115,8 @@ def read_inputs(paths) -> tuple[list[dict], dict[str, int]]:
                 raise UserError(f"{where}: unknown stage {row['stage']!r} (expected one of {', '.join(STAGES)})")
             if row["source"] not in SOURCES:
                 raise UserError(f"{where}: unknown source {row['source']!r} (expected gsm8k or math)")
-            not_text = [k for k in ("persona", "persona_id") if row[k] is not None and not isinstance(row[k], str)]
+            not_text = [k for k in ("persona", "persona_id", "wrong_attempt")
+                        if row.get(k) is not None and not isinstance(row[k], str)]
             if not_text:
                 raise UserError(f"{where}: {', '.join(not_text)} must be text or null")
             # ids are unique within a stage; a repeat means the same output was given twice.
@@ -230,6 +235,7 @@ def summarize(args, rows_per_file, dataset, exact, near, contaminated, decontami
                      "paraphrase_top_k": args.paraphrase_top_k, "judge": args.judge,
                      "near_dup_threshold": args.near_dup_threshold, "near_dup_shingle_words": SHINGLE,
                      "shuffle": not args.no_shuffle, "seed": args.seed},
+        "provenance": provenance(),
     }
 
 
@@ -312,6 +318,7 @@ def render_markdown(stats: dict) -> str:
                   f"{s['near_dup_shingle_words']}-grams; contaminated when a row holds >= "
                   f"{s['contamination_threshold']} of a test item's word {s['ngram']}-grams (shorter items: "
                   f"contained), {paraphrase}; test files {', '.join(s['decontaminate'])}; {shuffle}."]
+    lines += provenance_markdown(stats["provenance"])
     return "\n".join(lines) + "\n"
 
 

@@ -26,12 +26,13 @@ from pathlib import Path
 from .data import load_any
 from .errors import UserError
 from .llm import LLMClient, LLMError, add_llm_args
+from .paths import user_cache_dir
 from .prompts import load_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEST_FILES = [ROOT / "data" / "gsm8k" / "test.jsonl", ROOT / "data" / "math" / "MATH_test.jsonl",
                       ROOT / "data" / "math" / "math500_test.jsonl"]
-DEFAULT_CACHE_DIR = ROOT / ".cache" / "decontamination"
+DEFAULT_CACHE_DIR = user_cache_dir() / "decontamination"
 # The default test sets' embeddings, computed once (`build_dataset.py ... --embedding_cache_dir
 # data/decontamination`) and shipped: embedding 6.3K test problems takes minutes on a small CPU.
 SHIPPED_DIR = ROOT / "data" / "decontamination"
@@ -67,7 +68,7 @@ def add_decontamination_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--paraphrase_top_k", type=int, default=3, help="candidates per row at most (default 3)")
     g.add_argument("--no_paraphrase", action="store_true", help="skip the embedding pass (overlap only)")
     g.add_argument("--embedding_cache_dir", default=str(DEFAULT_CACHE_DIR),
-                   help="where the test items' embeddings are cached (default .cache/decontamination)")
+                   help=f"where the test items' embeddings are cached (default {DEFAULT_CACHE_DIR})")
     g.add_argument("--judge", choices=["off", "llm"], default="off",
                    help="who decides the paraphrase candidates: off, the threshold alone (default); llm, an LLM "
                         "asked whether the two are the same problem (a full-scale run should use it)")

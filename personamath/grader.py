@@ -2,7 +2,8 @@
 
 - `paper`: the authors' verdicts, reproduced from their scripts' behaviour. MATH compares two
   strings after a fixed normalisation (so `\\frac{2}{4}` differs from `\\frac12`); GSM8K compares
-  an integer-rounded number (so 17.6 counts as 18).
+  an integer-rounded number (so 17.6 counts as 18) with the gold read as their script read it
+  (parser.paper_gsm8k_gold: `2,125` and ` 2125 ` are 2125; a gold int() cannot read is a grading error).
 - `verify`: math-verify's symbolic equivalence of the last `\\boxed{}` (parser.final_answer, the
   stages' rule too) and the gold; a completion without a box is left to math-verify's own extraction.
   Its timeouts are signal-based and work only in a process's main thread, so it runs in worker
@@ -122,7 +123,7 @@ def paper_grade(task: str, completion: str, gold: str) -> Verdict:
         number = parser.paper_gsm8k_number(completion)
         if number is None:
             return Verdict(None, False)
-        return Verdict(str(number), float(number) == float(int(gold)))
+        return Verdict(str(number), float(number) == float(parser.paper_gsm8k_gold(gold)))
     answer = parser.last_boxed_answer(completion)
     return Verdict(answer, answer is not None and paper_math_equiv(answer, gold))
 

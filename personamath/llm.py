@@ -1,6 +1,11 @@
 """The LLM layer of the generation stages: an async OpenAI-compatible client that never loses or re-pays work.
 
-- Concurrency: at most `--concurrency` requests in flight.
+- Concurrency and pacing (ratelimit.py): at most `--concurrency` requests in flight, a ceiling. A
+  server that reports its rate limits (x-ratelimit-* headers, as OpenAI's do) is paced under them:
+  an attempt goes only when its request and estimated tokens fit what the server has left, so fewer
+  are in flight when the limits bind; a 429 halves the concurrency and holds new attempts for its
+  Retry-After. A server without those headers (a local vLLM) gets plain concurrency, after at most
+  16 requests until its first answer. `--pacing off`: plain concurrency whatever the server says.
 - Retries, each attempt its own: exponential backoff that honours Retry-After for 408, 409, 429,
   5xx, timeouts, connection errors and answers that arrive broken (malformed JSON, no choices). Any
   other 4xx (context too long, content filtered) is final: LLMRejected, the item is rejected.
@@ -8,7 +13,7 @@
   messages, every sampling parameter, the seed) and the endpoint, and committed as it arrives. A rerun
   sends no request for work already done and a killed run loses only what was in flight. The API key
   is never stored.
-- Ledger: requests, cache hits, tokens and cost per stage (prices in configs/prices.json).
+- Ledger: requests, cache hits, tokens and cost per stage (prices in personamath/resources/prices.json).
 - A hard budget: `--max_cost` is never exceeded. Before each attempt is sent its worst case (a bound
   on its prompt tokens plus max_tokens) is reserved; it is settled at the usage the server reports,
   or at the worst case when the answer is lost (a timeout may still have been billed). An attempt that
@@ -26,8 +31,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import UserError
+from .paths import RESOURCES
+from .ratelimit import RateLimiter, request_tokens
 
-PRICES_FILE = Path(__file__).resolve().parent.parent / "configs" / "prices.json"
+PRICES_FILE = RESOURCES / "prices.json"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 CHARS_PER_TOKEN = 4  # for --dry_run estimates only: a rough average for English and LaTeX
@@ -51,6 +58,7 @@ class BudgetExceeded(Exception):
 
 
 RETRIED_STATUS = {408, 409, 429}  # and every 5xx
+RAW_RESPONSE = {"headers": {"X-Stainless-Raw-Response": "true"}}  # post() returns the raw response, headers too
 MESSAGE_OVERHEAD_TOKENS = 8  # the chat format's tokens around each message, generously
 
 
@@ -92,9 +100,12 @@ def cost_of(price: dict | None, prompt_tokens: int, completion_tokens: int) -> f
     return (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6
 
 
-def price_of(model: str, base_url: str) -> dict | None:
+def price_of(model: str, base_url: str, prices_file=PRICES_FILE) -> dict | None:
     """USD per million input and output tokens; None when unknown. A local server costs nothing."""
-    prices = json.loads(PRICES_FILE.read_text())["models"]
+    try:
+        prices = json.loads(Path(prices_file).read_text())["models"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{prices_file}: not a prices file ({e!r}); see {PRICES_FILE} for the format") from None
     if model in prices:
         return prices[model]
     return {"input": 0.0, "output": 0.0} if is_local(base_url) else None
@@ -142,6 +153,7 @@ class Ledger:
     cache_hits: int = 0
     failed: int = 0  # requests that failed after every retry
     rejected: int = 0  # requests the server refused for good (LLMRejected)
+    rate_limited: int = 0  # attempts answered 429 (retried)
     truncated: int = 0  # answers cut by max_tokens (finish_reason "length")
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -179,7 +191,12 @@ def add_llm_args(parser) -> None:
     g.add_argument("--model", default="gpt-4o-mini")
     g.add_argument("--base_url", default=None, help=f"OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or {DEFAULT_BASE_URL}); "
                                                    "the API key is read from $OPENAI_API_KEY only")
-    g.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
+    g.add_argument("--concurrency", type=int, default=32,
+                   help="the most requests in flight at once; under a server's rate limits (x-ratelimit-* "
+                        "headers) fewer, as those limits allow, and a 429 halves it for a while")
+    g.add_argument("--pacing", choices=["headers", "off"], default="headers",
+                   help="headers (default): pace under the rate limits the server reports, slow down on 429; "
+                        "off: exactly --concurrency requests in flight, each 429 only retried after its Retry-After")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request before it is retried")
     g.add_argument("--stall_timeout", type=float, default=300.0,
                    help="stop (exit 5, everything answered kept) when the server answers none of the requests "
@@ -190,6 +207,8 @@ def add_llm_args(parser) -> None:
     g.add_argument("--max_tokens", type=int, default=2048)
     g.add_argument("--seed", type=int, default=0, help="base of the per-request seed (seed + sample index)")
     g.add_argument("--cache", default=None, help="response cache (default: OUTPUT_DIR/llm_cache.sqlite)")
+    g.add_argument("--prices", default=str(PRICES_FILE),
+                   help="USD per million input/output tokens per model (default: the package's prices.json)")
     g.add_argument("--max_cost", type=float, default=None,
                    help="a hard cap in USD for this run: a request whose worst case does not fit is not sent")
     g.add_argument("--dry_run", action="store_true", help="print the request count and cost estimate; send nothing")
@@ -213,17 +232,20 @@ class LLMClient:
         self.reserved = 0.0  # the worst case of the attempts in flight
         self.budget_stopped = False  # once an attempt did not fit, none is sent
         self.max_retries = args.max_retries
-        self.ledger = Ledger(model=self.model, price=price_of(self.model, self.base_url))
+        self.ledger = Ledger(model=self.model, price=price_of(self.model, self.base_url, args.prices))
         if self.max_cost is not None and self.ledger.price is None:
-            raise UserError(f"--max_cost needs a price for model {self.model}: add it to {PRICES_FILE}")
+            raise UserError(f"--max_cost needs a price for model {self.model}: add it to {args.prices}")
         self.cache = ResponseCache(args.cache or Path(output_dir) / "llm_cache.sqlite")
         self.dry_run = args.dry_run
         self.dry_run_output_tokens = args.dry_run_output_tokens
         self._concurrency = args.concurrency
-        self._semaphore = None  # made inside the running event loop
+        self._pacing = getattr(args, "pacing", "headers") != "off"
+        self._limiter = None  # concurrency and pacing (RateLimiter), one per event loop
         self._client = None
         self._api_key, self._timeout = api_key, args.timeout
         self.on_reply = None  # called with every Reply, cached or not (the stage's progress)
+        # --- batch-mode hook (personamath/batch.py): awaited on a cache miss instead of sending ---
+        self.transport = None  # async (key, body, kind) -> Reply, or None: send it online after all
         self.in_flight = 0  # requests sent and not answered yet
         self.waiting_since = time.monotonic()  # the last answer from the server, or when requests began waiting
 
@@ -234,7 +256,7 @@ class LLMClient:
             # Retries are ours (_request), so that each attempt is reserved against the budget.
             self._client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout,
                                        max_retries=0)
-            self._semaphore = asyncio.Semaphore(self._concurrency)
+            self._limiter = RateLimiter(self._concurrency, enabled=self._pacing)
         return self._client
 
     def body(self, messages: list[dict], sample: int) -> dict:
@@ -256,8 +278,12 @@ class LLMClient:
             self.ledger.cache_hits += 1
             self._answered(cached)
             return cached
+        if self.transport is not None:  # --- batch-mode hook: the transport answers, accounts, caches
+            reply = await self.transport(key, body, kind)
+            if reply is not None:
+                return reply  # else (--batch_fallback online): sent online below, as without --batch
         client = self._ensure_client()
-        async with self._semaphore:
+        async with self._limiter:
             self.ledger.requests += 1
             self.ledger.by_kind[kind] = self.ledger.by_kind.get(kind, 0) + 1
             if not self.in_flight:
@@ -298,13 +324,21 @@ class LLMClient:
         import openai
 
         problem = "no attempt"
+        tokens = request_tokens(body)
         for attempt in range(self.max_retries + 1):
-            worst = self._reserve(body)
+            ticket = await self._paced(tokens)
+            try:
+                worst = self._reserve(body)  # after the wait: nothing is sent after a request that does not fit
+            except BudgetExceeded:
+                self._limiter.cancel(ticket)
+                raise
             charged = worst  # unless the server says what it billed, or that it refused
             try:
                 # The client's own post(): without the typed request transform and response models of
                 # chat.completions.create(), which cost the event loop ~3 ms a request.
-                reply = parse_reply(await client.post("/chat/completions", body=body, cast_to=str))
+                raw = await client.post("/chat/completions", body=body, cast_to=str, options=RAW_RESPONSE)
+                self._limiter.answered(ticket, raw.headers, raw.status_code)
+                reply = parse_reply(raw.text)
                 self.waiting_since = time.monotonic()  # the server answers, if not always usefully
                 if reply is not None:
                     charged = cost_of(self.ledger.price, reply.prompt_tokens, reply.completion_tokens) or 0.0
@@ -314,19 +348,36 @@ class LLMClient:
                 charged = 0.0  # refused before generating
                 self.waiting_since = time.monotonic()
                 problem = f"HTTP {err.status_code}: {err.message}"
+                delay = retry_delay(attempt + 1, err.response)
+                self.ledger.rate_limited += err.status_code == 429
+                self._limiter.answered(ticket, err.response.headers, err.status_code, delay)
                 if err.status_code not in RETRIED_STATUS and err.status_code < 500:
                     self.ledger.rejected += 1
                     raise LLMRejected(problem) from None
-                delay = retry_delay(attempt + 1, err.response)
             except (openai.APITimeoutError, openai.APIConnectionError) as err:
                 problem, delay = f"{type(err).__name__}: {err}", retry_delay(attempt + 1)
             finally:
                 self.reserved -= worst
                 self.spent += charged
+                self._limiter.release(ticket)
             if attempt < self.max_retries:
                 await asyncio.sleep(delay)
         self.ledger.failed += 1
         raise LLMError(f"{problem}, after {self.max_retries + 1} attempts")
+
+    async def _paced(self, tokens: int):
+        """Wait until the server's rate limits let one more attempt go (ratelimit.py). An attempt
+        waiting there is not waiting on the server: the stall watchdog does not count it."""
+        ticket = self._limiter.try_acquire(tokens)
+        if ticket is not None:
+            return ticket
+        self.in_flight -= 1
+        try:
+            return await self._limiter.acquire(tokens)
+        finally:
+            if not self.in_flight:
+                self.waiting_since = time.monotonic()
+            self.in_flight += 1
 
     def estimate(self, requests: list[tuple[list[dict], int]]) -> dict:
         """--dry_run: how many of these (messages, sample) requests the cache lacks, and what they would cost."""
@@ -341,4 +392,4 @@ class LLMClient:
         """Close the HTTP client of this event loop; a later chat() in a new loop opens another."""
         if self._client is not None:
             await self._client.close()
-            self._client = self._semaphore = None
+            self._client = self._limiter = None

@@ -110,6 +110,18 @@ def paper_gsm8k_number(completion: str) -> int | None:
     return round(value)
 
 
+def paper_gsm8k_gold(gold) -> int:
+    """A GSM8K gold as the authors' eval_gsm8k.py reads it: `int(response.split('#### ')[1].replace(',', ''))`.
+
+    So `2,125` and ` 2125\n` read as 2125 (int() allows surrounding whitespace), and a full reference
+    answer is read after its first `#### `; a decimal or any other text raises ValueError, as it stops
+    their script."""
+    text = str(gold)
+    if "#### " in text:
+        text = text.split("#### ")[1]
+    return int(text.replace(",", ""))
+
+
 def gsm8k_gold(answer_text: str) -> str | None:
     """The gold number of a GSM8K answer (`... #### 1,234`), without thousands separators."""
     _, sep, tail = answer_text.partition("#### ")

@@ -1,13 +1,14 @@
-"""Personas: the built-in set (data/personas/isco08.jsonl), a Persona Hub JSONL file, or proposed by the LLM."""
+"""Personas: the built-in set (resources/personas/isco08.jsonl), a Persona Hub JSONL file, or proposed by the LLM."""
 import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .paths import RESOURCES
 from .jsonl import iter_jsonl
 
-BUILTIN = Path(__file__).resolve().parent.parent / "data" / "personas" / "isco08.jsonl"
+BUILTIN = RESOURCES / "personas" / "isco08.jsonl"
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def add_persona_args(parser, k_help: str) -> None:
     g = parser.add_argument_group("personas")
     g.add_argument("--k", type=int, default=3, help=k_help)
     g.add_argument("--persona_source", choices=["builtin", "file", "llm"], default=None,
-                   help="builtin: data/personas/isco08.jsonl (default); file: --persona_file; "
+                   help="builtin: the package's 100 ISCO-08 personas (default); file: --persona_file; "
                         "llm: the LLM proposes who would pose each question (text-to-persona)")
     g.add_argument("--persona_file", default=None, help="JSONL with a `persona` field per line (Persona Hub's format)")
     g.add_argument("--persona_seed", type=int, default=0, help="seeds which personas each question gets")

@@ -10,15 +10,16 @@ import asyncio
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import grader, parser
+from . import batch, grader, parser
 from .errors import UserError
 from .jsonl import iter_jsonl, write_json, write_jsonl
-from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, LLMRejected, add_llm_args
+from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, LLMRejected, add_llm_args, cost_of
 from .progress import RequestProgress
 from .prompts import load_prompt
+from .provenance import provenance
 from .rewrites import rewrite_problem
 
 SOLVE, REWRITE, PROPOSE, REFLECT = (load_prompt(n) for n in ("solve", "rewrite_persona", "propose_personas", "reflect"))
@@ -37,7 +38,23 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
                    help="what counts as a solution's final answer: boxed (default) only `\\boxed{}`; stated also "
                         "a closing \"The final answer is X\" line (a lower bar, for weak models)")
     add_llm_args(p)
+    batch.add_batch_args(p)
     return p
+
+
+def make_client(args, output_dir) -> LLMClient:
+    """The stage's LLM client; with --batch (or --batch_runner) its requests go through a batch runner."""
+    batch.prepare_args(args)
+    llm = LLMClient(args, output_dir)
+    if args.batch:
+        batch.attach(llm, args, output_dir)
+    return llm
+
+
+def fresh_ledger(ledger):
+    """A new, empty account for the same model and prices (reflection's phase 2)."""
+    keep = {"model", "price", "batch_price"}
+    return type(ledger)(**{f.name: getattr(ledger, f.name) for f in fields(ledger) if f.name in keep})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +150,7 @@ async def persona_variants(llm: LLMClient, grader: "AsyncGrader", row: dict, poo
                            fix=None) -> "Outcome":
     """Rewrite one solved question through k personas and solve each rewrite afresh; a rewrite is kept
     if its answer is the question's gold one. `fix(problem, wrong)` may turn a wrong solution into a
-    correct one, returning (response, correct)."""
+    correct one, returning (response, correct, the wrong attempt the response refers to or None)."""
     personas = await personas_for(llm, row, pool, k, seed)
 
     async def one(j, persona):
@@ -146,14 +163,15 @@ async def persona_variants(llm: LLMClient, grader: "AsyncGrader", row: dict, poo
         if invalid:  # rejected before a request is spent on solving it
             return None, {**base, "problem": problem, "reason": invalid}
         response, correct = await solve(llm, grader, row["source"], problem, row["gold"])
-        versions = f"{REWRITE.version}+{SOLVE.version}"
+        versions, wrong_attempt = f"{REWRITE.version}+{SOLVE.version}", None
         if not correct and fix is not None:
-            response, correct = await fix(problem, response)
+            response, correct, wrong_attempt = await fix(problem, response)
             versions += f"+{REFLECT.version}"
         if not correct:
             return None, {**base, "problem": problem, "response": response, "reason": "rewrite solved wrong"}
-        return {**base, "stage": stage, "problem": problem, "response": response, "level": row.get("level"),
-                "subject": row.get("subject"), "model": llm.model, "prompt_version": versions}, None
+        return {**base, "stage": stage, "problem": problem, "response": response, "wrong_attempt": wrong_attempt,
+                "level": row.get("level"), "subject": row.get("subject"), "model": llm.model,
+                "prompt_version": versions}, None
 
     results = await asyncio.gather(*(one(j, p) for j, p in enumerate(personas)))
     return Outcome(attempted=len(personas), kept=[k for k, _ in results if k], rejected=[r for _, r in results if r])
@@ -296,11 +314,26 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
 
     stalled = grading_failed = None
     watchdog = asyncio.ensure_future(_watch_for_stall(llm, stall_timeout))
-    everything = asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+    transport = getattr(llm, "transport", None)  # batch mode (batch.py): a driver submits what the items park
+    driver = None
+    if transport is not None:
+        transport.log = progress.write
+        with transport.tracking():  # the items' tasks, and every task they start, are counted for quiescence
+            everything = asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+        driver = asyncio.ensure_future(transport.drive(everything))
+    else:
+        everything = asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
     try:
-        await asyncio.wait([everything, watchdog], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([everything, watchdog, *([driver] if driver else [])], return_when=asyncio.FIRST_COMPLETED)
         if watchdog.done():
             stalled = str(watchdog.exception())
+        elif driver is not None and driver.done() and not everything.done():
+            error = driver.exception()
+            if not isinstance(error, batch.BatchStalled):
+                everything.cancel()
+                await asyncio.gather(everything, return_exceptions=True)
+                raise error or RuntimeError("the batch driver stopped before the items were done")
+            stalled = str(error)
         if stalled or grading_failed:
             everything.cancel()  # what is in flight is dropped; everything answered is in the cache
             await asyncio.gather(everything, return_exceptions=True)
@@ -309,6 +342,11 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
             await everything  # re-raises what an item raised
     finally:
         watchdog.cancel()
+        if driver is not None:  # done once every item is; cancelled when the run stops early
+            driver.cancel()  # at an await: what it did is recorded, a rerun picks up the rest
+            await asyncio.gather(driver, return_exceptions=True)
+            transport.untrack()
+            transport.log = batch.log_to_stderr
         llm.on_reply = None
         progress.close()
         await llm.aclose()
@@ -334,12 +372,19 @@ def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient
              "request_failed_ids": result.failed_ids, "rejected_by_server": result.rejected_by_server,
              "stalled": result.stalled, "spent_usd_at_most": llm.spent, "max_cost_usd": llm.max_cost,
              "model": llm.model, "ledger": llm.ledger.as_dict(), "grading": asdict(grading),
-             **(extra or {})}
+             **({"batch": llm.transport.summary()} if getattr(llm, "transport", None) else {}),
+             **(extra or {}), "provenance": provenance()}
     write_json(output_dir / f"{name}.stats.json", stats)
     print(f"{name}: kept {len(result.kept)} of {result.attempted} attempted ({100 * stats['yield']:.1f}%) "
           f"from {result.inputs} inputs; requests sent {llm.ledger.requests}, cached {llm.ledger.cache_hits}, "
           f"failed {llm.ledger.failed}; tokens {llm.ledger.prompt_tokens} in, {llm.ledger.completion_tokens} out; "
           f"spend {llm.ledger.spend_text()} -> {output_dir / (name + '.jsonl')}")
+    if result.stalled and getattr(llm, "transport", None) is not None:
+        print(f"{name}: stopped: {result.stalled}. Nothing answered is lost: {result.finished} of {result.inputs} "
+              f"items finished, every answer is cached and every batch submitted is recorded in "
+              f"{output_dir / batch.STATE_FILE}, so the same command resumes polling them without resubmitting",
+              file=sys.stderr)
+        return EXIT_STALLED
     if result.stalled:
         print(f"{name}: stopped: {result.stalled}. Nothing answered is lost: {result.finished} of {result.inputs} "
               f"items finished and every answer is cached, so the same command resumes. Check that the server is "
@@ -374,10 +419,14 @@ def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient
 def print_estimate(name: str, llm: LLMClient, requests: list, note: str = "") -> None:
     """--dry_run output: the requests the stage would send and their estimated cost."""
     est = llm.estimate(requests)
+    transport = getattr(llm, "transport", None)
+    if transport is not None:  # --batch: at batch prices
+        est["cost_usd_est"] = cost_of(transport.price, est["prompt_tokens_est"], est["completion_tokens_est"])
     cost = "unknown (no price for this model)" if est["cost_usd_est"] is None else f"${est['cost_usd_est']:.2f}"
+    prices = f" at {transport.runner.name} batch prices" if transport is not None else ""
     print(f"{name} --dry_run: {est['requests']} requests ({est['cached']} cached, {est['to_send']} to send); "
           f"~{est['prompt_tokens_est']:,} prompt + ~{est['completion_tokens_est']:,} completion tokens; "
-          f"estimated cost {cost} for {llm.model}{note}")
+          f"estimated cost {cost} for {llm.model}{prices}{note}")
 
 
 def read_stage_rows(path) -> list[dict]:

@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-PROMPT_DIR = Path(__file__).parent / "prompts"
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
+LOADED: dict[str, str] = {}  # name -> version of every template this process loaded, for provenance
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,16 @@ def load_prompt(name: str, version: int | None = None) -> Prompt:
         raise FileNotFoundError(f"no prompt named {name!r} in {PROMPT_DIR}")
     version = versions[-1] if version is None else version
     path = PROMPT_DIR / f"{name}.v{version}.txt"
+    LOADED[name] = f"{name}.v{version}"
     return Prompt(name=name, version=f"{name}.v{version}", text=path.read_text(encoding="utf-8"))
 
 
-def model_input(prompt: Prompt, question: str, tokenizer, chat: bool) -> tuple[str, bool]:
+def model_input(prompt: Prompt, question: str, tokenizer, chat: bool, **fields: str) -> tuple[str, bool]:
     """The text a model sees for `question`, and whether the tokenizer should add its special tokens.
 
     With `chat`, the rendered prompt becomes the user turn of the tokenizer's chat template, whose text
     already holds the BOS token (so none is added); otherwise the tokenizer adds its own (LLaMA's BOS)."""
-    text = prompt.render(instruction=question)
+    text = prompt.render(instruction=question, **fields)
     if not chat:
         return text, True
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,

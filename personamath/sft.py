@@ -17,6 +17,10 @@ IGNORE_INDEX = -100
 # --prompt_template -> (prompt file, whether it goes inside the tokenizer's chat template).
 # `alpaca` is the authors' training prompt (Alpaca, no input, ending in "### Response:").
 TEMPLATES = {"alpaca": ("alpaca_sft", False), "chat": ("chat_math", True)}
+# A row whose response reflects on a wrong attempt (`wrong_attempt`, reflection.py --format reflection)
+# is shown that attempt in its prompt, so the model is never trained on text that refers to what it
+# cannot see; under `chat` this text is the user turn.
+REFLECTION_PROMPT = "alpaca_reflection_sft"
 # Column names accepted for the two fields, first found wins: PersonaMathQA, MetaMathQA, Alpaca, and
 # the original GSM8K and MATH train files (for their own SFT baselines).
 PROBLEM_KEYS = ("problem", "query", "instruction", "question")
@@ -41,8 +45,12 @@ def load_rows(sources: list[str]) -> list[dict]:
         count = len(rows)
         for lineno, record in records(source):
             where = f"{source}:{lineno}"
+            attempt = record.get("wrong_attempt")
+            if attempt is not None and not isinstance(attempt, str):
+                raise UserError(f"{where}: wrong_attempt must be text or null, not {type(attempt).__name__}")
             rows.append({"problem": _field(record, PROBLEM_KEYS, where, "problem"),
-                         "response": _field(record, RESPONSE_KEYS, where, "response")})
+                         "response": _field(record, RESPONSE_KEYS, where, "response"),
+                         "wrong_attempt": attempt if attempt and attempt.strip() else None})
         if len(rows) == count:
             raise UserError(f"{source}: no records")
     return rows
@@ -63,10 +71,15 @@ def choose_pad_token(tokenizer) -> str:
     return f"EOS ({tokenizer.eos_token}); padded positions are masked and never labels"
 
 
-def tokenize_example(problem: str, response: str, tokenizer, template: str, max_length: int) -> dict:
+def tokenize_example(problem: str, response: str, tokenizer, template: str, max_length: int,
+                     wrong_attempt: str | None = None) -> dict:
     """input_ids and labels for one row; labels are -100 over the prompt and over nothing else."""
     prompt_name, chat = TEMPLATES[template]
-    prompt, add_special_tokens = model_input(load_prompt(prompt_name), problem, tokenizer, chat)
+    if wrong_attempt:
+        prompt, add_special_tokens = model_input(load_prompt(REFLECTION_PROMPT), problem, tokenizer, chat,
+                                                 attempt=wrong_attempt)
+    else:
+        prompt, add_special_tokens = model_input(load_prompt(prompt_name), problem, tokenizer, chat)
     encoded = tokenizer(prompt + response, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids = encoded["input_ids"] + [tokenizer.eos_token_id]
     offsets = encoded["offset_mapping"]
@@ -78,11 +91,13 @@ def tokenize_example(problem: str, response: str, tokenizer, template: str, max_
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels, "length": len(ids), "truncated": truncated,
-            "straddled": straddled, "response_tokens": sum(label != IGNORE_INDEX for label in labels)}
+            "straddled": straddled, "response_tokens": sum(label != IGNORE_INDEX for label in labels),
+            "shows_wrong_attempt": bool(wrong_attempt)}
 
 
 def _tokenize_batch(batch: dict, tokenizer, template: str, max_length: int) -> dict:
-    out = [tokenize_example(p, r, tokenizer, template, max_length) for p, r in zip(batch["problem"], batch["response"])]
+    out = [tokenize_example(p, r, tokenizer, template, max_length, a)
+           for p, r, a in zip(batch["problem"], batch["response"], batch["wrong_attempt"])]
     return {key: [example[key] for example in out] for key in out[0]}
 
 
@@ -93,12 +108,14 @@ def tokenized_dataset(rows: list[dict], tokenizer, template: str, max_length: in
     from datasets.fingerprint import Hasher
 
     prompt_name, _ = TEMPLATES[template]
-    key = hashlib.sha256(json.dumps([rows, load_prompt(prompt_name).text, max_length], ensure_ascii=False)
+    rows = [{"problem": r["problem"], "response": r["response"], "wrong_attempt": r.get("wrong_attempt")} for r in rows]
+    prompts = [load_prompt(prompt_name).text, load_prompt(REFLECTION_PROMPT).text]
+    key = hashlib.sha256(json.dumps([rows, prompts, max_length], ensure_ascii=False)
                          .encode()).hexdigest()[:16] + Hasher.hash(tokenizer)[:16]
     cache = Path(cache_dir) / f"sft-{template}-{max_length}-{key}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
     dataset = datasets.Dataset.from_list(rows)
-    return dataset.map(_tokenize_batch, batched=True, remove_columns=["problem", "response"],
+    return dataset.map(_tokenize_batch, batched=True, remove_columns=["problem", "response", "wrong_attempt"],
                        fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length},
                        cache_file_name=str(cache), new_fingerprint=key, num_proc=num_proc,
                        desc=f"tokenizing ({template} prompt)")
@@ -110,4 +127,5 @@ def data_stats(dataset) -> dict:
     return {"examples": len(dataset), "tokens": sum(lengths), "response_tokens": sum(dataset["response_tokens"]),
             "max_length": max(lengths), "mean_length": round(sum(lengths) / len(lengths), 1),
             "truncated": sum(dataset["truncated"]), "straddled_boundary": sum(dataset["straddled"]),
-            "dropped_no_response_tokens": sum(n == 0 for n in dataset["response_tokens"])}
+            "dropped_no_response_tokens": sum(n == 0 for n in dataset["response_tokens"]),
+            "shown_a_wrong_attempt": sum(dataset["shows_wrong_attempt"])}

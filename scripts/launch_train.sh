@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DS_CONFIG=${DS_CONFIG:?set DS_CONFIG (run_zero2.sh and run_zero3.sh do)}
-MODEL_PATH=${MODEL_PATH:-.cache/models/SmolLM2-135M-Instruct}
+# Default: the embedded model, converted on first use into the user cache ($PERSONAMATH_CACHE).
+MODEL_PATH=${MODEL_PATH:-$(python -m personamath.embedded_model)}
 DATA_PATH=${DATA_PATH:-runs/dataset/PersonaMathQA.jsonl}  # several files: space-separated
 OUTPUT_DIR=${OUTPUT_DIR:-runs/train/$(basename "$MODEL_PATH")-$(basename "$DS_CONFIG" .json)}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -32,21 +33,28 @@ LOGGING_STEPS=${LOGGING_STEPS:-1}
 SEED=${SEED:-42}
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 
+PRECISION=${PRECISION:-auto}           # auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU
+
 launcher=(--master_port "$MASTER_PORT")
-precision=()
 if GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$GPUS" -gt 0 ]; then
-    if python -c 'import sys, torch; sys.exit(not torch.cuda.is_bf16_supported())'; then
-        precision=(--bf16 True)
-    else
-        precision=(--fp16 True)
+    if [ "$PRECISION" = auto ]; then
+        PRECISION=fp16
+        python -c 'import sys, torch; sys.exit(not torch.cuda.is_bf16_supported())' && PRECISION=bf16
     fi
 else
     GPUS=1
     export DS_ACCELERATOR=cpu
+    [ "$PRECISION" = auto ] && PRECISION=fp32
     # Each rank gets its share of the cores: oversubscribed torch threads run several times slower.
     cores=$(nproc)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / ${NUM_GPUS:-1} > 0 ? cores / ${NUM_GPUS:-1} : 1 ))}
 fi
+case "$PRECISION" in
+    bf16) precision=(--bf16 True) ;;
+    fp16) precision=(--fp16 True) ;;
+    fp32) precision=() ;;
+    *) echo "PRECISION must be auto, bf16, fp16 or fp32, not $PRECISION" >&2; exit 2 ;;
+esac
 if [ -n "$HOSTFILE" ]; then
     launcher+=(--hostfile "$HOSTFILE")
     [ -n "$MASTER_ADDR" ] && launcher+=(--master_addr "$MASTER_ADDR")

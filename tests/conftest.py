@@ -13,6 +13,17 @@ def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+# `make test-fast` leaves out the tests marked slow: those that start a vLLM engine (these fixtures,
+# eval scripts, the chain) or a DeepSpeed process, and those that grade whole datasets.
+ENGINE_FIXTURES = {"vllm_engine", "embedded_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if ENGINE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
     from personamath.embedded_model import ensure_embedded_model

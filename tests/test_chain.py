@@ -5,15 +5,19 @@ import json
 import re
 import shutil
 import socket
+import subprocess
 
 import pytest
+import yaml
 
-from conftest import DATA, run_script
+from conftest import DATA, ROOT, run_script
 from personamath.data import load_any
-from personamath.fake_server import FakeServerConfig, start_in_thread
+from personamath.evaluation import build_parser, resolve_protocol
+from fake_server import FakeServerConfig, start_in_thread
 from personamath.jsonl import read_jsonl
 from personamath.precision import choose_dtype
 
+pytestmark = pytest.mark.slow  # DeepSpeed training and vLLM evaluation in every test
 N_GSM8K, N_MATH, N_EVAL = 6, 6, 4
 
 
@@ -24,7 +28,7 @@ def train_problems():
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, embedded_model):
-    from personamath.tiny_model import make_tiny_llama
+    from tiny_model import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("base") / "model", tokenizer_dir=embedded_model)
 
@@ -79,6 +83,9 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     assert count(gen / "reflection.jsonl") == stats("reflection")["kept"] > 0
     assert count(gen / "reflection_persona.jsonl") == stats("reflection_persona")["kept"]
     assert stats("reflection_persona")["inputs"] == stats("reflection")["kept"]
+    # The recipe's reflection_format, solution: the corrected solution alone, no attempt to show.
+    assert all(r["wrong_attempt"] is None and not r["response"].startswith("Reflection:")
+               for r in read_jsonl(gen / "reflection.jsonl"))
     # build_dataset read exactly the kept rows of the four stages; train.py trained on its rows.
     dataset = json.loads((run / "dataset/stats.json").read_text())
     kept_rows = sum(count(gen / f"{n}.jsonl") for n in ("cot", "persona", "reflection", "reflection_persona"))
@@ -99,12 +106,39 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     assert f"| {base} |" in report and f"| {trained} |" in report and f"| cot | {N_GSM8K + N_MATH} |" in report
     for plot in ("math_by_level", "math_by_subject", "stage_yields"):
         assert (run / f"plots/{plot}.png").stat().st_size > 1000
-    assert "[chain] finished" in result.stdout and "| model | GSM8K paper |" in result.stdout
+    assert "[chain] finished" in result.stdout and "| model | GSM8K paper (ours) |" in result.stdout
     # Live progress: a step that runs longer than --progress_interval shows its latest line on the
     # console; a stage's own bar counts requests, with kept rows and tokens/s, into its log.
     assert re.search(r"^\[chain\] train: \d+ s( \(no output for \d+ s\))?: \S", result.stdout, re.M), result.stdout
     assert re.search(r"^gen_cot: 100%\|.*\| (\d+)/\1 .*kept \d+, [\d.]+ output tok/s", (run / "logs/gen_cot.log")
                      .read_text(), re.M)
+
+    # The resolved recipe was written, and the steps ran with its settings, not with defaults of their own.
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    settings = recipe["settings"]
+    assert {"n_gsm8k", "n_math", "num_samples", "llm_url", "epochs"} <= set(recipe["overridden_on_the_command_line"])
+    assert settings["n_gsm8k"] == N_GSM8K and recipe["notes"]["max_length"]
+    command, env = json.loads((run / ".done/train").read_text())
+    assert command[1] == f"run_zero{settings['zero_stage']}.sh"
+    for knob, key in (("MAX_LENGTH", "max_length"), ("GRAD_ACCUM", "grad_accum"), ("SAVE_STEPS", "save_steps"),
+                      ("WARMUP", "warmup"), ("PACKING", "packing"), ("PRECISION", "precision"), ("SEED", "seed")):
+        assert env[knob] == str(settings[key]), knob
+    command, _ = json.loads((run / ".done/eval_base_math").read_text())
+    assert command[command.index("--protocol") + 1] == settings["protocol"]
+    assert command[command.index("--data_file") + 1] == str(ROOT / settings["math_test_file"])
+
+    # Every output that carries a number says what made it: this checkout's commit, the versions, the device.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    outputs = [*gen.glob("*.stats.json"), run / "dataset/stats.json", run / "train/train_data_stats.json",
+               run / "train/trainer_state.json", *run.glob("eval/*/*/summary.json")]
+    assert len(outputs) == 4 + 1 + 2 + 4
+    for path in outputs:
+        record = json.loads(path.read_text())["provenance"]
+        assert record["code"]["git_commit"] == commit and record["versions"]["torch"].startswith("torch=="), path
+    assert "solve" in json.loads((gen / "cot.stats.json").read_text())["provenance"]["prompts"]
+    for path in (report := run / "report.md", run / "dataset/stats.md", *run.glob("eval/*/*/summary.md")):
+        assert "## Provenance" in path.read_text() and commit[:12] in path.read_text(), path
+    assert report.read_text().count(f"commit {commit[:12]}") == 4  # each evaluation's line names its own
 
     # A rerun finds every step done and only rebuilds the report.
     with start_in_thread(fake) as server:
@@ -112,15 +146,22 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
         assert server.stats()["requests"] == 0
     assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") >= 5
 
-    # report.py puts a model named as in the published table beside its published figures
-    # (the hub's '-hf' suffix aside), and others beside none.
-    shutil.copytree(run / f"eval/{trained}", run / "eval/PersonaMath-Qwen2.5-7B")
-    shutil.copytree(run / f"eval/{base}", run / "eval/Llama-2-7b-hf")
+    # report.py puts a model named as in the published table beside its published figures (the hub's
+    # '-hf' suffix aside) when it was evaluated under the authors' protocol, unchanged; under ours (the
+    # chain's recipe), the published figures are not shown; a model without a published row gets none.
+    authors = resolve_protocol(build_parser("gsm8k").parse_args(["--protocol", "authors"]))
+    for label, source, protocol in (("PersonaMath-Qwen2.5-7B", trained, authors), ("Llama-2-7b-hf", base, authors),
+                                    ("PersonaMath-LLaMA-2-7B", trained, None)):
+        shutil.copytree(run / f"eval/{source}", run / f"eval/{label}")
+        for path in (run / f"eval/{label}").glob("*/summary.json"):
+            summary = json.loads(path.read_text())
+            path.write_text(json.dumps({**summary, "protocol": protocol or summary["protocol"]}))
     assert run_script("report.py", "--run_dir", str(run)).returncode == 0
     results = (run / "report.md").read_text().split("## Results")[1].split("\n## ")[0]
     rows = {line.split(" | ")[0]: line for line in results.splitlines() if line.startswith("| ")}
     assert rows["| PersonaMath-Qwen2.5-7B"].endswith("| 84.3 | 56.6 |")
     assert rows["| Llama-2-7b-hf"].endswith("| 14.6 | 2.5 |")
+    assert rows["| PersonaMath-LLaMA-2-7B"].endswith("| not shown (ours) | not shown (ours) |")
     assert rows[f"| {trained}"].endswith("| — | — |")
 
 

@@ -1,6 +1,8 @@
 """Both eval scripts end to end on the embedded SmolLM2 with vLLM on CPU, and re-grading."""
 import json
 
+import pytest
+
 from conftest import DATA, run_script
 
 from personamath.evaluation import build_parser, run
@@ -26,6 +28,10 @@ def check_outputs(out_dir, task, n):
     assert summary["disagreements"]["count"] == sum(r["paper_correct"] != r["verify_correct"] for r in rows)
     assert summary["tokens"]["completion"] == sum(r["completion_tokens"] for r in rows) > 0
     assert summary["wall_s"]["generation"] > 0 and summary["completion_tokens_per_s"] > 0
+    # the default protocol, recorded in the summary and in every row (so that re-grading keeps it)
+    assert summary["protocol"]["name"] == "ours" and not summary["protocol"]["comparable"]
+    assert all(r["protocol"] == summary["protocol"] for r in rows)
+    assert summary["generation"]["sampling"]["stop"] == summary["protocol"]["stop"]
     markdown = (out_dir / "summary.md").read_text()
     assert f"# {task.upper()} evaluation" in markdown and "| paper |" in markdown and "| verify |" in markdown
     return rows, summary
@@ -40,6 +46,7 @@ def check_regrading(script, out_dir, tmp_path, task):
     regraded = read_jsonl(regraded_dir / "generations.jsonl")
     keys = ("paper_extracted", "paper_correct", "verify_extracted", "verify_correct")
     assert [[r[k] for k in keys] for r in regraded] == [[r[k] for k in keys] for r in rows]
+    assert json.loads((regraded_dir / "summary.json").read_text())["protocol"] == rows[0]["protocol"]
 
     # Give two items the right answer: re-grading must now mark exactly those correct by both graders.
     edited = [dict(r) for r in rows]
@@ -53,6 +60,7 @@ def check_regrading(script, out_dir, tmp_path, task):
     assert [[r[k] for k in keys] for r in regraded[2:]] == [[r[k] for k in keys] for r in rows[2:]]
 
 
+@pytest.mark.slow
 def test_eval_gsm8k_cli(tmp_path, embedded_model):
     """The real script, with the authors' flags (--start/--end/--batch_size) and their prompt."""
     out_dir = tmp_path / "gsm8k"

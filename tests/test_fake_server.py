@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA, ROOT
 
 from personamath.data import load_problems
-from personamath.fake_server import FakeServerConfig, start_in_thread
+from fake_server import FakeServerConfig, start_in_thread
 from personamath.parser import last_boxed_answer
 from personamath.pipeline import (parse_personas, parse_rewrite, propose_messages, reflect_messages,
                                   rewrite_messages, solve_messages, split_reflection)
@@ -188,7 +188,7 @@ def test_slots_and_latency_bound_throughput(problems, slots, min_s, max_s):
 
 def test_cli_serves_until_sigterm(tmp_path):
     port_file = tmp_path / "port"
-    process = subprocess.Popen([sys.executable, "-m", "personamath.fake_server", "--problems",
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_server.py"), "--problems",
                                 str(DATA / "gsm8k" / "train.jsonl"), "--latency", "0.01", "--slots", "4",
                                 "--faults", "429=0.1,length=0.02", "--port_file", str(port_file)],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True)

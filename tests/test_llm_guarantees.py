@@ -9,7 +9,7 @@ import pytest
 from conftest import DATA, ROOT
 
 from personamath.data import load_problems
-from personamath.fake_server import FakeServerConfig, start_in_thread
+from fake_server import FakeServerConfig, start_in_thread
 from personamath.jsonl import read_jsonl, write_jsonl
 from personamath.llm import cost_of, price_of, prompt_tokens_bound
 from personamath.rewrites import numbers, rewrite_problem
@@ -41,6 +41,24 @@ def server_spend(srv, model="gpt-4o-mini") -> float:
 
 
 # --- a hard budget ---------------------------------------------------------------------------------
+
+
+def test_prices_file_of_ones_own(tmp_path):
+    """--prices prices a model the package does not know, and the cap holds at that price; a broken
+    prices file is named."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"models": {"my-model": {"input": 1000.0, "output": 1000.0}}}))
+    with server() as srv:
+        result = gen_cot(srv, tmp_path / "out", "--model", "my-model", "--prices", str(prices), "--max_cost", "0.5",
+                         "--max_tokens", "64")
+        usage = srv.stats()["usage"]
+    stats = json.loads((tmp_path / "out" / "cot.stats.json").read_text())
+    assert result.returncode == 3 and stats["ledger"]["cost_usd"] > 0  # $1000/M tokens: the cap stops it
+    assert cost_of(price_of("my-model", srv.url, prices), usage["prompt_tokens"], usage["completion_tokens"]) <= 0.5
+    prices.write_text("{not json")
+    with server() as srv:
+        broken = gen_cot(srv, tmp_path / "out2", "--model", "my-model", "--prices", str(prices))
+    assert broken.returncode == 2 and str(prices) in broken.stderr and "not a prices file" in broken.stderr
 
 
 @pytest.mark.parametrize("concurrency", [1, 64])

@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA, ROOT, run_script
 
 from personamath.data import load_problems
-from personamath.fake_server import FakeServerConfig, start_in_thread
+from fake_server import FakeServerConfig, start_in_thread
 from personamath.jsonl import read_jsonl, write_jsonl
 from personamath.pipeline import EXIT_GRADING_FAILED
 
@@ -25,7 +25,7 @@ STAGES = [
     ("gen_cot.py", ["--inputs", str(GSM8K), str(MATH), "--limit", str(2 * N_PER_SOURCE), "--num_samples", "2"],
      ["cot", "cot_failed"]),
     ("persona_augment.py", ["--k", "2"], ["persona", "persona_rejected"]),
-    ("reflection.py", ["--k", "2"], ["reflection", "reflection_failed", "reflection_persona",
+    ("reflection.py", ["--k", "2", "--format", "reflection"], ["reflection", "reflection_failed", "reflection_persona",
                                      "reflection_persona_rejected"]),
 ]
 
@@ -77,8 +77,13 @@ def test_reference_counts_agree(reference):
     assert {r["parent_id"] for r in rows["persona"]} <= {r["id"] for r in rows["cot"]}
     assert len(rows["reflection"]) + len(rows["reflection_failed"]) == len(rows["cot_failed"])
     assert len(rows["reflection_persona"]) + len(rows["reflection_persona_rejected"]) == 2 * len(rows["reflection"])
+    # --format reflection: the response reflects on a wrong attempt, which the row keeps for the training prompt.
+    failed = {r["id"]: r for r in rows["cot_failed"]}
     for row in rows["reflection"]:
         assert row["response"].startswith("Reflection: ") and "\\boxed" in row["response"]
+        assert row["wrong_attempt"] == failed[row["id"]]["attempts"][-1]["response"]
+    for row in rows["reflection_persona"]:
+        assert (row["wrong_attempt"] is not None) == row["response"].startswith("Reflection: ")
     isco = {r["persona_id"] for r in rows["persona"]}
     assert all(pid.startswith(("isco-", "everyday-")) for pid in isco)
 

@@ -34,7 +34,7 @@ def real_rows():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, embedded_model):
-    from personamath.tiny_model import make_tiny_llama
+    from tiny_model import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir=embedded_model)
 
@@ -63,6 +63,33 @@ def test_unmasked_tokens_are_exactly_the_response_and_eos(tokenizer, real_rows, 
         prompt, special = model_input(load_prompt(prompt_name), row["problem"], tokenizer, chat)
         assert ids == tokenizer(prompt + row["response"], add_special_tokens=special).input_ids + [tokenizer.eos_token_id]
         assert tokenizer.decode(masked) == prompt
+
+
+@pytest.mark.parametrize("template", sorted(sft.TEMPLATES))
+def test_reflection_rows_show_the_attempt_they_reflect_on(tokenizer, real_rows, template, tmp_path):
+    """A row whose response reflects on a wrong attempt has that attempt in its prompt, never in what is
+    trained; a row without one gets the plain prompt. train.py's reader takes both kinds in one file."""
+    attempt = "Half of 48 is 20, so the answer is 20."
+    response = "Reflection: half of 48 is 24, not 20.\n\nCorrected solution: 48 / 2 = 24. The answer is 24."
+    rows = [{"problem": real_rows[0]["problem"], "response": response, "wrong_attempt": attempt},
+            {"problem": real_rows[1]["problem"], "response": real_rows[1]["response"], "wrong_attempt": None},
+            {"query": real_rows[2]["problem"], "response": real_rows[2]["response"]}]  # the authors' columns
+    data = tmp_path / "rows.jsonl"
+    write_jsonl(data, rows)
+    loaded = sft.load_rows([str(data)])
+    assert [r["wrong_attempt"] for r in loaded] == [attempt, None, None]
+    dataset = sft.tokenized_dataset(loaded, tokenizer, template, 4096, tmp_path / "cache")
+    assert dataset["shows_wrong_attempt"] == [True, False, False]
+    assert sft.data_stats(dataset)["shown_a_wrong_attempt"] == 1
+    for row, ids, labels in zip(loaded, dataset["input_ids"], dataset["labels"]):
+        trained = [t for t, label in zip(ids, labels) if label != sft.IGNORE_INDEX]
+        prompt = tokenizer.decode(ids[:len(ids) - len(trained)])
+        assert tokenizer.decode(trained) == row["response"] + tokenizer.eos_token
+        assert (attempt in prompt) == (row["wrong_attempt"] is not None)
+        assert ("### Wrong attempt:" in prompt) == (row["wrong_attempt"] is not None)
+    write_jsonl(data, [{**rows[0], "wrong_attempt": 3}])
+    with pytest.raises(sft.UserError, match=f"{data}:1: wrong_attempt must be text or null"):
+        sft.load_rows([str(data)])
 
 
 def test_boundary_token_shared_with_the_prompt_is_trained_and_counted(tokenizer):
@@ -169,6 +196,7 @@ def zero3_two_ranks(tmp_path_factory, tiny_model, train_file):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero,ranks", [(2, 1), (2, 2), (3, 1), (3, 2)])
 def test_training_lowers_loss_and_saves_the_trained_weights(zero, ranks, tmp_path, tiny_model, train_file,
                                                             zero3_two_ranks):
@@ -192,6 +220,7 @@ def test_training_lowers_loss_and_saves_the_trained_weights(zero, ranks, tmp_pat
     assert not torch.allclose(logits(out), logits(tiny_model), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_loss_curve(tmp_path, tiny_model, train_file, zero3_two_ranks):
     import shutil
 
@@ -207,6 +236,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, tiny_model, train_file, 
     assert torch.allclose(logits(out), logits(zero3_two_ranks), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vllm_loads_the_trained_model_with_its_logits(zero3_two_ranks):
     """vLLM's log-probabilities of a prompt under the saved model equal the HF model's."""
     script = (
@@ -229,6 +259,7 @@ def test_vllm_loads_the_trained_model_with_its_logits(zero3_two_ranks):
     assert vllm_logprobs == pytest.approx(expected, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_embedded_model_trains_under_zero2(tmp_path, embedded_model, train_file):
     out = tmp_path / "out"
     launch(2, 1, embedded_model, train_file, out, "--max_steps", "3", "--per_device_train_batch_size", "2",

@@ -9,8 +9,16 @@ a stuck server does; a fault plan injects 429, 500, slow, malformed and empty an
 once per distinct request body (transient: a retried request is served normally, so a retrying
 client ends with the results it would have had without faults) and `length` truncations (every time).
 
-    python -m personamath.fake_server --problems data/gsm8k/train.jsonl --latency 0.05 --slots 32 \\
+Rate limits (off unless `rpm` or `tpm` is set): requests and tokens per window (`window_s`, 60 s as
+OpenAI's per-minute limits, shorter to run in seconds), enforced as token buckets that refill the whole
+limit over the window. A request takes 1 request and its tokens (prompt, counted as in `usage`, plus
+max_tokens) when both fit, else it is answered 429 at once with Retry-After / retry-after-ms; every
+answer carries the x-ratelimit-{limit,remaining,reset}-{requests,tokens} headers as OpenAI's do
+(`ratelimit_headers=False`: enforced without them). Counts in `stats()["ratelimit"]`.
+
+    python tests/fake_server.py --problems data/gsm8k/train.jsonl --latency 0.05 --slots 32 \\
         --faults 429=0.1,500=0.1,slow=0.05,malformed=0.05,empty=0.05,length=0.02
+    python tests/fake_server.py --problems data/gsm8k/train.jsonl --latency 0.2 --rpm 300 --tpm 150000 --window_s 6
 """
 import argparse
 import asyncio
@@ -18,6 +26,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import re
 import signal
 import socket
@@ -30,9 +39,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .data import Problem, load_any, load_problems
-from .errors import exit_on_user_error
-from .prompts import PLACEHOLDER, load_prompt
+from personamath.data import Problem, load_any, load_problems
+from personamath.errors import exit_on_user_error
+from personamath.prompts import PLACEHOLDER, load_prompt
 
 TEMPLATES = {"solve": "solve", "rewrite": "rewrite_persona", "propose": "propose_personas", "reflect": "reflect"}
 TRANSIENT_FAULTS = ("429", "500", "slow", "malformed", "empty")  # a body is given the first that selects it
@@ -173,11 +182,62 @@ class FakeServerConfig:
     stall_after: int | None = None  # answer this many requests, then none (a server alive but stuck)
     bad_rewrites: float = 0.0  # rewrites that drop a number or state the answer (half each)
     port: int = 0  # 0: a free port
+    rpm: int | None = None  # requests per window_s, enforced (None: no request limit)
+    tpm: int | None = None  # tokens (prompt + max_tokens) per window_s, enforced (None: no token limit)
+    window_s: float = 60.0  # the time the limits refill in from empty
+    ratelimit_headers: bool = True  # send the x-ratelimit-* headers (with rpm or tpm)
 
 
 def _error(status: int, kind: str, message: str, headers: dict | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status,
                              headers=headers)
+
+
+def format_duration(seconds: float) -> str:
+    """A reset header as OpenAI writes it, Go-style, to the millisecond: "6m0s", "1.5s", "20ms", "0s"."""
+    ms = round(seconds * 1000)
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, ms = divmod(ms, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "") + \
+        f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+class RateLimits:
+    """The server's RPM and TPM: token buckets holding `limit`, refilled at limit / window_s a second."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, window_s: float, clock=time.monotonic):
+        self.window, self.clock = window_s, clock
+        now = clock()
+        self.buckets = {kind: {"limit": float(limit), "level": float(limit), "stamp": now}
+                        for kind, limit in (("requests", rpm), ("tokens", tpm)) if limit}
+
+    def admit(self, tokens: int) -> tuple[bool, dict]:
+        """Take 1 request and `tokens` if both fit (a cost over a limit fits a full bucket): (admitted,
+        the x-ratelimit-* headers after it, and on refusal Retry-After / retry-after-ms)."""
+        now = self.clock()
+        costs = {"requests": 1, "tokens": tokens}
+        wait = 0.0
+        for kind, bucket in self.buckets.items():
+            rate = bucket["limit"] / self.window
+            bucket["level"] = min(bucket["limit"], bucket["level"] + (now - bucket["stamp"]) * rate)
+            bucket["stamp"] = now
+            wait = max(wait, (min(costs[kind], bucket["limit"]) - bucket["level"]) / rate)
+        if wait <= 0:
+            for kind, bucket in self.buckets.items():
+                bucket["level"] -= costs[kind]
+        headers = {}
+        for kind, bucket in self.buckets.items():
+            headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket["limit"]))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket["level"])))
+            headers[f"x-ratelimit-reset-{kind}"] = format_duration(
+                (bucket["limit"] - bucket["level"]) * self.window / bucket["limit"])
+        if wait > 0:
+            headers.update({"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000))})
+        return wait <= 0, headers
 
 
 def _text(message: dict) -> str:
@@ -186,7 +246,38 @@ def _text(message: dict) -> str:
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
-class FakeServer:
+class InThread:
+    """A server running its own event loop in a daemon thread (start_in_thread), stopped by stop() or
+    by leaving a `with` block. Subclasses set _loop and _thread and define `async close()`."""
+    _thread = None
+
+    async def _listen(self, app) -> None:
+        """Serve `app` on 127.0.0.1:config.port (0: a free port, then in self.port)."""
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+        await self._runner.setup()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.config.port))
+        await web.SockSite(self._runner, sock).start()
+        self.port = sock.getsockname()[1]
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class FakeServer(InThread):
     """The HTTP server around a Brain: counts requests, injects faults, bounds concurrency."""
 
     def __init__(self, config: FakeServerConfig):
@@ -196,6 +287,7 @@ class FakeServer:
         self.brain = Brain(config.problems, config.hard_fraction, config.hopeless_fraction, config.bad_rewrites)
         self.port = config.port
         self._faulted = set()  # digests of the bodies that already had their transient fault
+        self._limits = RateLimits(config.rpm, config.tpm, config.window_s) if config.rpm or config.tpm else None
         self._in_flight = 0
         self._runner = self._loop = self._thread = None
         self.reset_stats()
@@ -212,6 +304,11 @@ class FakeServer:
                        "faults": dict.fromkeys(FAULT_TYPES, 0), "max_concurrent": 0, "completed": 0,
                        "usage": {"prompt_tokens": 0, "completion_tokens": 0},  # of every answer it sent
                        "truncated": []}  # (kind, problem id or None) of every answer cut by the length fault
+        if self.config.rpm or self.config.tpm:
+            # requests admitted and refused, tokens admitted, the least left after an admission per limit,
+            # and when the first request came and the last answer went (time.monotonic())
+            self._stats["ratelimit"] = {"admitted": 0, "rejected": 0, "admitted_tokens": 0,
+                                        "lowest_remaining": {}, "first_at": None, "last_at": None}
 
     async def _chat(self, request: web.Request) -> web.Response:
         try:
@@ -227,14 +324,41 @@ class FakeServer:
         stats["by_kind"][kind] += 1
         self._in_flight += 1
         stats["max_concurrent"] = max(stats["max_concurrent"], self._in_flight)
+        headers = {}
         try:
+            if self._limits is not None:
+                admitted, headers = self._admit(body)
+                if not self.config.ratelimit_headers:
+                    headers = {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-")}
+                if not admitted:
+                    return _error(429, "rate_limit_exceeded", "Rate limit reached (fake rpm/tpm)", headers=headers)
             if self.config.stall_after is not None and stats["requests"] > self.config.stall_after:
                 await asyncio.Event().wait()  # until the client hangs up
             async with self._slots:
                 await asyncio.sleep(self.config.latency)
-                return await self._respond(body, kind, problem, text)
+                response = await self._respond(body, kind, problem, text)
+                response.headers.update(headers)
+                return response
         finally:
             self._in_flight -= 1
+            if self._limits is not None:
+                stats["ratelimit"]["last_at"] = time.monotonic()
+
+    def _admit(self, body: dict) -> tuple[bool, dict]:
+        """The rate limits' verdict on a request, counted in stats["ratelimit"]."""
+        counts = self._stats["ratelimit"]
+        if counts["first_at"] is None:
+            counts["first_at"] = time.monotonic()
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        tokens = max(1, sum(len(_text(m)) for m in body["messages"]) // 4) + (limit if isinstance(limit, int) else 0)
+        admitted, headers = self._limits.admit(tokens)
+        counts["admitted" if admitted else "rejected"] += 1
+        counts["admitted_tokens"] += tokens if admitted else 0
+        if admitted:
+            for kind in self._limits.buckets:
+                left = int(headers[f"x-ratelimit-remaining-{kind}"])
+                counts["lowest_remaining"][kind] = min(counts["lowest_remaining"].get(kind, left), left)
+        return admitted, headers
 
     def _fault_for(self, canonical: str, digest: str) -> str | None:
         """The transient fault due to this body, only the first time it is received."""
@@ -310,32 +434,11 @@ class FakeServer:
                         web.post("/stats/reset", self._reset_stats)])
         # A client that hangs up (as one that timed out on a slow answer does) cancels its request, so
         # the request frees its slot and is not counted as completed; nothing waits long at shutdown.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.config.port))
-        await web.SockSite(self._runner, sock).start()
-        self.port = sock.getsockname()[1]
+        await self._listen(app)
 
     async def close(self) -> None:
         await self._runner.cleanup()
 
-    def stop(self) -> None:
-        """Stop the server that start_in_thread started."""
-        if self._thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.close(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-        self._thread = None
-
-    def __enter__(self) -> "FakeServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def start_in_thread(config: FakeServerConfig) -> FakeServer:
@@ -359,7 +462,8 @@ def parse_faults(text: str) -> dict[str, float]:
     return faults
 
 
-async def _serve(server: FakeServer, port_file: str | None) -> None:
+async def serve_until_signal(server, port_file: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (the command-line servers)."""
     await server.start()
     if port_file:
         Path(port_file).write_text(f"{server.port}\n")
@@ -384,14 +488,20 @@ def main(argv=None) -> None:
     p.add_argument("--hard_fraction", type=float, default=0.3)
     p.add_argument("--hopeless_fraction", type=float, default=0.1)
     p.add_argument("--slow_seconds", type=float, default=5.0)
+    p.add_argument("--rpm", type=int, default=None, help="requests per --window_s, enforced with 429 (default: none)")
+    p.add_argument("--tpm", type=int, default=None, help="tokens (prompt + max_tokens) per --window_s, enforced")
+    p.add_argument("--window_s", type=float, default=60.0, help="seconds the rate limits refill in")
+    p.add_argument("--no_ratelimit_headers", action="store_true", help="enforce the limits without x-ratelimit-*")
     args = p.parse_args(argv)
     with exit_on_user_error():
         problems = [problem for path in args.problems
                     for problem in (load_problems(args.task, path) if args.task else load_any(path)[1])]
     config = FakeServerConfig(model=args.model, problems=problems, hard_fraction=args.hard_fraction,
                               hopeless_fraction=args.hopeless_fraction, latency=args.latency, slots=args.slots,
-                              faults=args.faults, slow_seconds=args.slow_seconds, port=args.port)
-    asyncio.run(_serve(FakeServer(config), args.port_file))
+                              faults=args.faults, slow_seconds=args.slow_seconds, port=args.port, rpm=args.rpm,
+                              tpm=args.tpm, window_s=args.window_s,
+                              ratelimit_headers=not args.no_ratelimit_headers)
+    asyncio.run(serve_until_signal(FakeServer(config), args.port_file))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 The default head size is 64, one that vLLM's CPU attention supports.
 
-    python -m personamath.tiny_model OUT_DIR [--hidden 64 --layers 2 ...]   (tokenizer: the embedded model's)
+    python tests/tiny_model.py OUT_DIR [--hidden 64 --layers 2 ...]   (tokenizer: the embedded model's)
 """
 import argparse
 from pathlib import Path
 
-from .embedded_model import ensure_embedded_model
+from personamath.embedded_model import ensure_embedded_model
 
 
 def make_tiny_llama(out_dir, hidden: int = 128, layers: int = 2, heads: int = 2, kv_heads: int = 1,
