@@ -186,6 +186,9 @@ def parse_reply(raw: str) -> Reply | None:
                  prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
 
 
+THROTTLED_RETRIES_PER_RETRY = 4  # 429s a request may meet, per --max_retries, before it fails
+
+
 def add_llm_args(parser) -> None:
     g = parser.add_argument_group("LLM")
     g.add_argument("--model", default="gpt-4o-mini")
@@ -202,7 +205,8 @@ def add_llm_args(parser) -> None:
                    help="stop (exit 5, everything answered kept) when the server answers none of the requests "
                         "waiting on it for this many seconds")
     g.add_argument("--max_retries", type=int, default=6,
-                   help="retries per request (408, 409, 429, 5xx, timeouts, broken answers)")
+                   help="retries per request (408, 409, 5xx, timeouts, broken answers); a 429 is the server's pacing: "
+                        f"a request may be answered 429 {THROTTLED_RETRIES_PER_RETRY} x (max_retries + 1) times")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--max_tokens", type=int, default=2048)
     g.add_argument("--seed", type=int, default=0, help="base of the per-request seed (seed + sample index)")
@@ -325,7 +329,9 @@ class LLMClient:
 
         problem = "no attempt"
         tokens = request_tokens(body)
-        for attempt in range(self.max_retries + 1):
+        failures = throttled = 0  # a 429 is the server pacing us, not a failure: it has its own, larger allowance
+        while True:
+            attempt, was_throttled = failures + throttled, False
             ticket = await self._paced(tokens)
             try:
                 worst = self._reserve(body)  # after the wait: nothing is sent after a request that does not fit
@@ -350,6 +356,7 @@ class LLMClient:
                 problem = f"HTTP {err.status_code}: {err.message}"
                 delay = retry_delay(attempt + 1, err.response)
                 self.ledger.rate_limited += err.status_code == 429
+                was_throttled = err.status_code == 429
                 self._limiter.answered(ticket, err.response.headers, err.status_code, delay)
                 if err.status_code not in RETRIED_STATUS and err.status_code < 500:
                     self.ledger.rejected += 1
@@ -360,10 +367,13 @@ class LLMClient:
                 self.reserved -= worst
                 self.spent += charged
                 self._limiter.release(ticket)
-            if attempt < self.max_retries:
-                await asyncio.sleep(delay)
+            throttled += was_throttled
+            failures += not was_throttled
+            if failures > self.max_retries or throttled > THROTTLED_RETRIES_PER_RETRY * (self.max_retries + 1):
+                break
+            await asyncio.sleep(delay)
         self.ledger.failed += 1
-        raise LLMError(f"{problem}, after {self.max_retries + 1} attempts")
+        raise LLMError(f"{problem}, after {failures + throttled} attempts ({throttled} answered 429)")
 
     async def _paced(self, tokens: int):
         """Wait until the server's rate limits let one more attempt go (ratelimit.py). An attempt

@@ -225,6 +225,7 @@ def spellings(gold: str) -> set[str]:
             gold.replace("\\!", "")}
 
 
+@pytest.mark.slow  # every MATH train problem
 def test_no_spelling_of_the_gold_is_a_restatement_on_any_math_train_problem():
     problems = load_problems("math", DATA / "math" / "MATH_train.jsonl")
     started = time.time()

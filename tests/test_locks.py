@@ -4,6 +4,7 @@ them). Reads files and installed metadata only: no network, well under a second.
 import hashlib
 import importlib.metadata as md
 import re
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -50,7 +51,11 @@ def pins_of(path: Path) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions()}
+    """The environment's own distributions: its site-packages only. (Importing setuptools puts its
+    _vendor folder on sys.path, whose dist-info of older packaging and typing-extensions would
+    otherwise shadow the installed ones.)"""
+    site = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions(path=site)}
 
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])

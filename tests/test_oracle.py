@@ -11,6 +11,7 @@ from personamath.data import load_problems
 from personamath.jsonl import read_jsonl
 
 
+@pytest.mark.slow  # grades whole datasets
 @pytest.mark.parametrize("task,path,solution_key,same_answer", [
     ("math", DATA / "math" / "MATH_test.jsonl", "solution", grader.paper_math_equiv),
     ("gsm8k", DATA / "gsm8k" / "test.jsonl", "answer", str.__eq__),
