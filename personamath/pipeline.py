@@ -379,18 +379,17 @@ def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient
           f"from {result.inputs} inputs; requests sent {llm.ledger.requests}, cached {llm.ledger.cache_hits}, "
           f"failed {llm.ledger.failed}; tokens {llm.ledger.prompt_tokens} in, {llm.ledger.completion_tokens} out; "
           f"spend {llm.ledger.spend_text()} -> {output_dir / (name + '.jsonl')}")
-    if result.stalled and getattr(llm, "transport", None) is not None:
-        print(f"{name}: stopped: {result.stalled}. Nothing answered is lost: {result.finished} of {result.inputs} "
-              f"items finished, every answer is cached and every batch submitted is recorded in "
-              f"{output_dir / batch.STATE_FILE}, so the same command resumes polling them without resubmitting",
-              file=sys.stderr)
-        return EXIT_STALLED
     if result.stalled:
+        if llm.transport is not None:  # batch mode: the batches, not a server's log, are what to look at
+            resume = (f"every batch submitted is recorded in {output_dir / batch.STATE_FILE}, so the same command "
+                      f"resumes polling them without resubmitting")
+        else:
+            resume = ("the same command resumes. Check that the server is alive and see its log; a server that runs "
+                      "but answers nothing is often a CPU without native bf16 serving in bf16 (serve in float32: "
+                      "--dtype float32), or more requests in flight than it can finish in that time (lower "
+                      "--concurrency or --max_tokens, or raise --stall_timeout)")
         print(f"{name}: stopped: {result.stalled}. Nothing answered is lost: {result.finished} of {result.inputs} "
-              f"items finished and every answer is cached, so the same command resumes. Check that the server is "
-              f"alive and see its log; a server that runs but answers nothing is often a CPU without native bf16 "
-              f"serving in bf16 (serve in float32: --dtype float32), or more requests in flight than it can "
-              f"finish in that time (lower --concurrency or --max_tokens, or raise --stall_timeout)", file=sys.stderr)
+              f"items finished and every answer is cached; {resume}", file=sys.stderr)
         return EXIT_STALLED
     if result.grading_failed:
         print(f"{name}: stopped: {result.grading_failed}. An answer that cannot be graded counts as wrong, so going "
