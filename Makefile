@@ -17,9 +17,11 @@ run: setup
 test: setup
 	$(PY) -m pytest tests
 
-# The tests that start no vLLM engine and no DeepSpeed process (minutes, not half an hour).
+# The tests that start no vLLM engine and no DeepSpeed process (minutes, not half an hour), a worker per
+# core, each free test to the first idle worker (the whole suite stays in one process: its tests share
+# one engine).
 test-fast: setup
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow" -n auto --dist worksteal
 
 # Regenerate requirements/{cpu,gpu}.lock.txt from requirements.txt (scripts/lock.sh; minutes).
 lock:

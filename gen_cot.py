@@ -34,8 +34,8 @@ def load_questions(inputs, limit):
     per_input = None if limit is None else -(-limit // len(inputs))
     questions = []
     for spec in inputs:
-        task, problems = load_any(spec)
-        questions += [(task, p) for p in problems[:per_input]]
+        task, problems = load_any(spec, per_input)
+        questions += [(task, p) for p in problems]
     return questions[:limit]
 
 

@@ -11,7 +11,6 @@ run_zero3.sh launch it on GPUs, several nodes, or the CPU.
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -139,7 +138,7 @@ def collator(tokenizer, packing: bool, pad_to_multiple_of: int | None):
                                                pad_to_multiple_of=pad_to_multiple_of)
 
 
-def train(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -181,4 +180,4 @@ def _without_length(collate):
 
 if __name__ == "__main__":
     with exit_on_user_error():
-        train(sys.argv[1:])
+        main()

@@ -105,10 +105,13 @@ def _level(record: dict) -> str | None:
     return str(level).removeprefix("Level ").strip()
 
 
-def load_problems(task: str, path) -> list[Problem]:
-    """All records of a JSONL file (or `datasets` name) as Problems; the format is detected from the first."""
-    problems, fmt = [], None
+def load_problems(task: str, path, limit: int | None = None) -> list[Problem]:
+    """The records of a JSONL file (or `datasets` name) as Problems, the first `limit` of them or all; the
+    format is detected from the first."""
+    problems, fmt, stem = [], None, Path(path).stem
     for lineno, record in records(path):
+        if limit is not None and len(problems) >= limit:
+            break
         fmt = fmt or _detect(task, path, lineno, record)
         question = record.get(fmt.question_key)
         if not isinstance(question, str) or not question.strip():
@@ -118,7 +121,7 @@ def load_problems(task: str, path) -> list[Problem]:
         gold = fmt.gold(record)
         if gold is None:
             raise UserError(f"{path}:{lineno}: no gold answer in `{fmt.source_key}`")
-        record_id = record.get("unique_id", record.get("idx", f"{Path(path).stem}:{lineno}"))
+        record_id = record.get("unique_id", record.get("idx", f"{stem}:{lineno}"))
         problems.append(Problem(id=str(record_id), question=question, gold=gold, level=_level(record),
                                 subject=record.get("type", record.get("subject"))))
     if not problems:
@@ -126,11 +129,11 @@ def load_problems(task: str, path) -> list[Problem]:
     return problems
 
 
-def load_any(path) -> tuple[str, list[Problem]]:
-    """The task (gsm8k or math) whose format the records have, and the records as Problems."""
+def load_any(path, limit: int | None = None) -> tuple[str, list[Problem]]:
+    """The task (gsm8k or math) whose format the records have, and the (first `limit`) records as Problems."""
     for task in FORMATS:
         try:
-            return task, load_problems(task, path)
+            return task, load_problems(task, path, limit)
         except FormatMismatch:
             continue
     raise UserError(f"{path}: neither GSM8K nor MATH records")

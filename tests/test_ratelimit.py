@@ -6,11 +6,9 @@ watchdog."""
 import asyncio
 import json
 import random
-import subprocess
-import sys
 
 import pytest
-from conftest import DATA, ROOT
+from conftest import DATA, run_here
 
 from fake_server import FakeServerConfig, RateLimits, format_duration, start_in_thread
 from personamath.data import load_problems
@@ -374,10 +372,9 @@ def server(**overrides):
 
 
 def gen_cot(srv, out, *extra, concurrency=64, limit=2 * N):
-    return subprocess.run([sys.executable, "gen_cot.py", "--base_url", srv.url, "--model", "fake-llm", "--output_dir",
-                           str(out), "--inputs", str(GSM8K), str(MATH), "--limit", str(limit), "--num_samples", "2",
-                           "--max_tokens", "256", "--concurrency", str(concurrency), "--timeout", "10", *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_here("gen_cot.py", "--base_url", srv.url, "--model", "fake-llm", "--output_dir", out, "--inputs", GSM8K,
+                    MATH, "--limit", limit, "--num_samples", 2, "--max_tokens", 256, "--concurrency", concurrency,
+                    "--timeout", 10, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import DATA, ROOT, run_script
+from conftest import DATA, ROOT, run_here
 
 from personamath.data import load_problems
 from fake_server import FakeServerConfig, start_in_thread
@@ -44,8 +44,7 @@ def flags(srv, out, concurrency=8):
 
 
 def run_stage(script, srv, out, extra, env=None, concurrency=8):
-    result = subprocess.run([sys.executable, script, *flags(srv, out, concurrency), *extra], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_here(script, *flags(srv, out, concurrency), *extra, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -92,7 +91,7 @@ def test_transient_faults_change_nothing(tmp_path, reference):
     _, expected, _ = reference
     with server(faults=TRANSIENT, slow_seconds=3) as srv:
         for script, extra, names in STAGES:
-            run_stage(script, srv, tmp_path, extra)
+            run_stage(script, srv, tmp_path, extra, concurrency=16)  # more in flight: the backoffs overlap
             assert outputs(tmp_path, names) == {n: expected[n] for n in names}, script
         faults = srv.stats()["faults"]
     assert all(faults[kind] > 0 for kind in TRANSIENT), faults
@@ -144,8 +143,8 @@ def test_kill_9_then_rerun(tmp_path, reference, stage):
 
 def test_dry_run_sends_nothing_and_prices_the_work(tmp_path):
     with server() as srv:
-        result = run_script("gen_cot.py", *flags(srv, tmp_path), "--model", "gpt-4o-mini", "--inputs", str(GSM8K),
-                            "--limit", "10", "--dry_run")
+        result = run_here("gen_cot.py", *flags(srv, tmp_path), "--model", "gpt-4o-mini", "--inputs", str(GSM8K),
+                          "--limit", "10", "--dry_run")
         assert srv.stats()["requests"] == 0
     assert result.returncode == 0, result.stderr
     assert "10 requests (0 cached, 10 to send)" in result.stdout and "estimated cost $" in result.stdout
@@ -157,16 +156,14 @@ def test_max_cost_stops_cleanly_and_resumes_without_repaying(tmp_path, reference
     with server() as srv:
         # gpt-4o-mini is priced in configs/prices.json; the fake server answers to any model name.
         priced = [*flags(srv, tmp_path, concurrency=1), "--model", "gpt-4o-mini", "--max_tokens", "256", *extra]
-        stopped = subprocess.run([sys.executable, script, *priced, "--max_cost", "0.001"], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=300)
+        stopped = run_here(script, *priced, "--max_cost", "0.001")
         assert stopped.returncode == 3, stopped.stderr[-2000:]
         assert "--max_cost" in stopped.stderr
         partial = read_jsonl(tmp_path / "cot.jsonl") + read_jsonl(tmp_path / "cot_failed.jsonl")
         sent = srv.stats()["requests"]
         assert 0 < len(partial) < 2 * N_PER_SOURCE and sent < ref_requests[script]
 
-        finished = subprocess.run([sys.executable, script, *priced], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=300)
+        finished = run_here(script, *priced)
         assert finished.returncode == 0, finished.stderr[-2000:]
         assert srv.stats()["requests"] == ref_requests[script]  # nothing paid twice
     assert [r["id"] for r in read_jsonl(tmp_path / "cot.jsonl")] == [r["id"] for r in expected["cot"]]
@@ -174,9 +171,9 @@ def test_max_cost_stops_cleanly_and_resumes_without_repaying(tmp_path, reference
 
 def test_api_key_never_written(tmp_path):
     secret = "sk-test-DO-NOT-LEAK-4242"
-    env = {**os.environ, "OPENAI_API_KEY": secret}
+    env = {"OPENAI_API_KEY": secret}
     with server(faults={"500": 0.3}) as srv:
-        results = [run_stage(script, srv, tmp_path, extra, env=env) for script, extra, _ in STAGES]
+        results = [run_stage(script, srv, tmp_path, extra, env=env, concurrency=16) for script, extra, _ in STAGES]
     for result in results:
         assert secret not in result.stdout + result.stderr
     for path in tmp_path.rglob("*"):
@@ -198,7 +195,7 @@ def test_malformed_stage_input_names_file_and_line(tmp_path):
     write_jsonl(tmp_path / "cot.jsonl", [{"id": "a", "source": "gsm8k", "problem": "p", "gold": "1"}])
     with (tmp_path / "cot.jsonl").open("a") as f:
         f.write('{"id": "b", "source": \n')
-    result = run_script("persona_augment.py", "--output_dir", str(tmp_path), "--base_url", "http://127.0.0.1:9/v1")
+    result = run_here("persona_augment.py", "--output_dir", str(tmp_path), "--base_url", "http://127.0.0.1:9/v1")
     assert result.returncode == 2
     assert f"{tmp_path / 'cot.jsonl'}:2: malformed JSON" in result.stderr and "Traceback" not in result.stderr
 
@@ -254,8 +251,7 @@ def test_stall_watchdog_stops_keeps_what_finished_and_rerun_resumes(tmp_path, re
     command = [*extra, "--stall_timeout", "3"]
     with server(stall_after=answered) as srv:
         started = time.time()
-        stopped = subprocess.run([sys.executable, script, *flags(srv, tmp_path, concurrency=4), "--timeout", "120",
-                                  *command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        stopped = run_here(script, *flags(srv, tmp_path, concurrency=4), "--timeout", "120", *command)
         took = time.time() - started
         message = stopped.stderr
         assert stopped.returncode == 5, message[-2000:]

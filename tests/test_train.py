@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA, ROOT, run_script
+from conftest import DATA, ROOT, run_here, run_script
 from personamath import sft
 from personamath.jsonl import read_jsonl, write_jsonl
 
@@ -147,8 +147,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, real
 def test_bad_data_line_is_named_and_nothing_is_trained(tiny_model, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"problem": "1+1?", "response": "2"}\n{"problem": "2+2?"}\n')
-    result = run_script("train.py", "--model_name_or_path", str(tiny_model), "--data_path", str(data),
-                        "--output_dir", str(tmp_path / "out"), "--use_cpu", "True", timeout=300)
+    result = run_here("train.py", "--model_name_or_path", tiny_model, "--data_path", data, "--output_dir",
+                      tmp_path / "out", "--use_cpu", "True")
     assert result.returncode == 2
     assert f"error: {data}:2: record has no response" in result.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
