@@ -20,8 +20,11 @@
   does not fit is not sent, and no request is sent after it. `--dry_run` estimates without sending.
 """
 import asyncio
+import datetime
+import email.utils
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import time
@@ -69,16 +72,31 @@ def prompt_tokens_bound(messages: list[dict]) -> int:
     return sum(len(m["content"].encode()) + MESSAGE_OVERHEAD_TOKENS for m in messages) + MESSAGE_OVERHEAD_TOKENS
 
 
-def retry_delay(attempt: int, response=None) -> float:
-    """Seconds before attempt `attempt` (1, 2, ...): the server's Retry-After when it gives one (capped
-    at a minute), else exponential backoff."""
+def retry_delay(attempt: int, response=None, now: float | None = None) -> float:
+    """Seconds before attempt `attempt` (1, 2, ...): the server's retry-after-ms, or its Retry-After in
+    seconds or as an HTTP date (RFC 9110 allows both), capped at a minute; else exponential backoff."""
     headers = response.headers if response is not None else {}
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return min(float(headers[name]) * scale, 60.0)
-        except (KeyError, ValueError):
+        value = headers.get(name)
+        if value is None:
             continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            seconds = _seconds_until(value, time.time() if now is None else now)
+        if seconds is not None and math.isfinite(seconds):
+            return min(max(seconds, 0.0), 60.0)
     return min(0.5 * 2 ** attempt, 8.0)
+
+
+def _seconds_until(http_date: str, now: float) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP dates are
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp() - now
 
 
 @dataclass

@@ -43,6 +43,7 @@ class FakeBatchConfig:
     fail_batches: int = 0  # the first N batches (after those) fail validation: no output file
     partial: float = 0.5
     create_response_lost: int = 0  # the first N creates make the batch, then answer 500
+    unavailable: bool = False  # polls (GET /batches/ID) answer 503 while set; batches go on meanwhile
     port: int = 0
 
 
@@ -161,6 +162,8 @@ class FakeBatchServer(InThread):
         if batch is None:
             return _error(404, "no such batch")
         self._stats["retrieves"][batch["id"]] += 1
+        if self.config.unavailable:
+            return _error(503, "the service is unavailable (fake)")
         return web.json_response(self._public(batch))
 
     async def _list(self, request: web.Request) -> web.Response:

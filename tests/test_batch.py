@@ -22,7 +22,7 @@ from personamath.batch import STATE_FILE, read_result_line, split_files
 from personamath.data import load_problems
 from personamath.jsonl import read_jsonl, write_jsonl
 from personamath.llm import ResponseCache, cost_of
-from personamath.pipeline import EXIT_BUDGET, EXIT_FAILED_REQUESTS
+from personamath.pipeline import EXIT_BUDGET, EXIT_FAILED_REQUESTS, EXIT_STALLED
 
 GSM8K = DATA / "gsm8k" / "train.jsonl"
 MATH = DATA / "math" / "MATH_train.jsonl"
@@ -158,6 +158,30 @@ def test_client_killed_while_polling_resumes_without_resubmitting(tmp_path, refe
     assert set(after["lines_received"].values()) == {1}  # no request went in two batches
     assert after["creates"] == after["uploads"] == 2  # the first round's, and the second attempts'
     assert stats_of(tmp_path)["batch"]["batches_resumed"] == 1
+
+
+def test_endpoint_failing_past_the_stall_timeout_stops_and_the_same_command_resumes(tmp_path, reference):
+    """The batch is made, then every poll answers 503: the stage stops after --stall_timeout (exit 5) with
+    the cause named, instead of polling forever; once the endpoint is back, the same command resumes
+    that batch (made once, each line sent once) and ends with the online rows."""
+    script, extra, names = STAGES[0]
+    command = [*extra, *BATCH, "--stall_timeout", "2"]
+    with batch_server(unavailable=True) as srv:
+        started = time.monotonic()
+        stopped = run(script, srv.url, tmp_path, command, expect=EXIT_STALLED)
+        assert time.monotonic() - started < 60
+        assert "kept failing for" in stopped.stderr and "503" in stopped.stderr, stopped.stderr[-2000:]
+        assert stats_of(tmp_path)["complete"] is False
+        (held,) = srv.stats()["batch_status"]
+        assert srv.stats()["retrieves"][held] >= 2  # polled, and polled again, before giving up
+
+        srv.config.unavailable = False
+        resumed = run(script, srv.url, tmp_path, command)
+        after = srv.stats()
+    assert "resuming " + held in resumed.stderr
+    assert outputs(tmp_path, names) == {n: reference[n] for n in names}
+    assert after["creates"] == after["uploads"] == 2  # the first round's batch (resumed), the second attempts'
+    assert set(after["lines_received"].values()) == {1}
 
 
 def test_lines_lost_every_time_fail_then_fallback_online_finishes(tmp_path, reference):

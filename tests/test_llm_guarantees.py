@@ -197,3 +197,33 @@ def test_rewrite_rules(original, rewrite, gold, expected):
 def test_numbers_in_words_and_digits_agree():
     assert numbers("twenty-five, two hundred and forty, four thousand five hundred") == numbers("25, 240, 4500")
     assert numbers("1,000,000 and 3.50") == numbers("1000000 and 3.5")
+
+
+# --- Retry-After --------------------------------------------------------------------------------------
+
+
+def test_retry_after_in_seconds_milliseconds_or_as_an_http_date():
+    """RFC 9110 lets a server give Retry-After as seconds or as an HTTP date; either is honoured (capped at
+    a minute, never negative); anything unreadable falls back to exponential backoff."""
+    import email.utils
+
+    import httpx
+
+    from personamath.llm import retry_delay
+
+    now = 1_800_000_000.0
+
+    def delay(headers, attempt=1):
+        return retry_delay(attempt, httpx.Response(429, headers=headers), now=now)
+
+    backoff = retry_delay(1)
+    assert backoff == 1.0 and retry_delay(3) == 4.0 and retry_delay(10) == 8.0
+    assert delay({"Retry-After": "7"}) == 7.0 and delay({"retry-after-ms": "250", "Retry-After": "7"}) == 0.25
+    assert delay({"Retry-After": email.utils.formatdate(now + 12, usegmt=True)}) == 12.0
+    assert delay({"Retry-After": email.utils.formatdate(now + 3600, usegmt=True)}) == 60.0  # capped
+    assert delay({"Retry-After": email.utils.formatdate(now - 30, usegmt=True)}) == 0.0  # already past
+    assert delay({"Retry-After": "Sun, 06 Nov 1994 08:49:37 -0000"}) == 0.0  # no zone given: UTC
+    assert delay({"Retry-After": "-5"}) == 0.0
+    for unreadable in ("soon", "", "nan", "inf", "Mon, 99 Foo 2026 99:99:99 GMT"):
+        assert delay({"Retry-After": unreadable}) == backoff, unreadable
+    assert delay({"retry-after-ms": "x", "Retry-After": "2"}) == 2.0  # the next header, when one is unreadable
