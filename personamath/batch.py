@@ -560,7 +560,6 @@ class Pending:
     waiters: list = field(default_factory=list)  # (future, task)
     sent: int = 0  # batches it was (or is) in
     batch: str | None = None  # the local id of the batch it is in now
-    problems: list = field(default_factory=list)
 
 
 class BatchTransport:
@@ -875,7 +874,6 @@ class BatchTransport:
                 ledger.rejected += 1
                 self._resolve(pending, lambda d=detail: LLMRejected(d))
             else:
-                pending.problems.append(detail)
                 if not retry_round:
                     pending.sent -= 1  # the enqueued-token limit: not this request's fault
                 if pending.sent < self.max_rounds:

@@ -109,9 +109,9 @@ def load_problems(task: str, path, limit: int | None = None) -> list[Problem]:
     """The records of a JSONL file (or `datasets` name) as Problems, the first `limit` of them or all; the
     format is detected from the first."""
     problems, fmt, stem = [], None, Path(path).stem
+    if limit == 0:
+        return problems
     for lineno, record in records(path):
-        if limit is not None and len(problems) >= limit:
-            break
         fmt = fmt or _detect(task, path, lineno, record)
         question = record.get(fmt.question_key)
         if not isinstance(question, str) or not question.strip():
@@ -124,6 +124,8 @@ def load_problems(task: str, path, limit: int | None = None) -> list[Problem]:
         record_id = record.get("unique_id", record.get("idx", f"{stem}:{lineno}"))
         problems.append(Problem(id=str(record_id), question=question, gold=gold, level=_level(record),
                                 subject=record.get("type", record.get("subject"))))
+        if len(problems) == limit:  # not one line more is read
+            break
     if not problems:
         raise UserError(f"{path}: no records")
     return problems

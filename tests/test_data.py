@@ -49,6 +49,16 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_problems("gsm8k", path)
 
 
+def test_a_limit_reads_only_its_records_and_still_names_a_bad_one(tmp_path):
+    """gen_cot --limit stops reading at the limit: a bad line after it is not read; one within it is named."""
+    path = write_lines(tmp_path / "bad.jsonl", [good_gsm8k(1), good_gsm8k(2), '{"query": "x", "resp'])
+    assert [p.gold for p in load_problems("gsm8k", path, limit=2)] == [p.gold for p in load_problems(
+        "gsm8k", write_lines(tmp_path / "good.jsonl", [good_gsm8k(1), good_gsm8k(2)]))]
+    with pytest.raises(UserError, match=r"bad\.jsonl:3: malformed JSON"):
+        load_problems("gsm8k", path, limit=3)
+    assert load_problems("gsm8k", path, limit=0) == []
+
+
 def test_record_without_gold_names_line(tmp_path):
     no_box = json.dumps({"problem": "p", "solution": "no boxed answer"})
     path = write_lines(tmp_path / "m.jsonl", [json.dumps({"problem": "p", "solution": "\\boxed{1}"}), no_box])
