@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stall_timeout", type=float,
                    help="a generation stage stops (resumable) when the server answers nothing for this long")
     g.add_argument("--decontam_judge", choices=["off", "llm"],
-                   help="who decides build_dataset's paraphrase candidates: the threshold (off), or the --llm_url "
+                   help="who decides build_dataset's contamination candidates: the rule (off), or the --llm_url "
                         "model as judge (llm; needs --llm_url: the embedded model is too weak to judge)")
     t = p.add_argument_group("training")
     t.add_argument("--base_model", type=optional(str),

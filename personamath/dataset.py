@@ -5,12 +5,14 @@ Steps, in this order, each keeping the earlier row in input order:
 2. exact duplicates: the same problem text up to case and whitespace;
 3. near duplicates: Jaccard similarity of the problems' word 5-gram sets at least --near_dup_threshold,
    found exactly (not estimated) by a prefix-filtered similarity join;
-4. contamination against the GSM8K/MATH test sets (decontamination.py): n-gram overlap or containment
-   in the problem or response, then paraphrases found by embeddings, decided by a threshold or an LLM judge;
+4. contamination against the GSM8K/MATH test sets (decontamination.py): the rows that are the same
+   problem as a test item, decided pair by pair among retrieved candidates by a rule or an LLM judge;
+   siblings (same template, other numbers or question) kept and reported;
 5. a shuffle seeded by --seed.
 
 Outputs (all inside --output_dir): PersonaMathQA.jsonl, removed_duplicates.jsonl,
-removed_contaminated.jsonl, stats.json and stats.md (also printed).
+removed_contaminated.jsonl and siblings_kept.jsonl (each with its test item and the reason),
+stats.json and stats.md (also printed).
 """
 import argparse
 import json
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     kept, exact = remove_exact_duplicates(rows)
     kept, near = remove_near_duplicates(kept, args.near_dup_threshold)
-    kept, contaminated, decontamination = decontaminate(kept, args, out_dir)
+    kept, contaminated, siblings, decontamination = decontaminate(kept, args, out_dir)
     if not args.no_shuffle:
         random.Random(args.seed).shuffle(kept)
     dataset = [{k: row.get(k) for k in OUTPUT_FIELDS} for row in kept]
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     write_jsonl(out_dir / "PersonaMathQA.jsonl", dataset)
     write_jsonl(out_dir / "removed_duplicates.jsonl", exact + near)
     write_jsonl(out_dir / "removed_contaminated.jsonl", contaminated)
+    write_jsonl(out_dir / "siblings_kept.jsonl", siblings)
     stats = summarize(args, rows_per_file, dataset, exact, near, contaminated, decontamination, yields)
     write_json(out_dir / "stats.json", stats)
     markdown = render_markdown(stats)
@@ -229,10 +232,10 @@ def summarize(args, rows_per_file, dataset, exact, near, contaminated, decontami
         "yield": yields,
         "diversity": {"problem": diversity(row["problem"] for row in dataset),
                       "response": diversity(row["response"] for row in dataset)},
-        "settings": {"decontaminate": [str(f) for f in args.decontaminate], "ngram": args.ngram,
-                     "contamination_threshold": args.contamination_threshold,
-                     "paraphrase_threshold": None if args.no_paraphrase else args.paraphrase_threshold,
-                     "paraphrase_top_k": args.paraphrase_top_k, "judge": args.judge,
+        "settings": {"decontaminate": [str(f) for f in args.decontaminate],
+                     **{name: getattr(args, name) for name in (
+                         "contamination_policy", "top_k", "ngram", "embedding_retrieval", "added_quantity_overlap",
+                         "setting_overlap", "sibling_similarity", "judge")},
                      "near_dup_threshold": args.near_dup_threshold, "near_dup_shingle_words": SHINGLE,
                      "shuffle": not args.no_shuffle, "seed": args.seed},
         "provenance": provenance(),
@@ -311,38 +314,42 @@ def render_markdown(stats: dict) -> str:
 
     s = stats["settings"]
     shuffle = f"shuffled with seed {s['seed']}" if s["shuffle"] else "not shuffled"
-    paraphrase = ("no paraphrase pass" if s["paraphrase_threshold"] is None else
-                  f"paraphrases at cosine >= {s['paraphrase_threshold']} (top {s['paraphrase_top_k']}), judge "
-                  f"{s['judge']}")
     lines += ["", f"Settings: near duplicates at Jaccard >= {s['near_dup_threshold']} of word "
-                  f"{s['near_dup_shingle_words']}-grams; contaminated when a row holds >= "
-                  f"{s['contamination_threshold']} of a test item's word {s['ngram']}-grams (shorter items: "
-                  f"contained), {paraphrase}; test files {', '.join(s['decontaminate'])}; {shuffle}."]
+                  f"{s['near_dup_shingle_words']}-grams; contamination policy {s['contamination_policy']}, decided by "
+                  f"{'the LLM judge' if s['judge'] == 'llm' else 'the rule'} over the top {s['top_k']} candidates "
+                  f"(lexical{', embedding' if s['embedding_retrieval'] else ''}) and word {s['ngram']}-gram overlaps; "
+                  f"test files {', '.join(s['decontaminate'])}; {shuffle}."]
     lines += provenance_markdown(stats["provenance"])
     return "\n".join(lines) + "\n"
 
 
 def decontamination_markdown(d: dict) -> list[str]:
-    items = d["test_items"]
+    items, retrieval, labels = d["test_items"], d["retrieval"], d["pair_labels"]
+    decider = "an LLM judge" if d["decided_by"] == "judge" else "the rule (personamath/same_problem.py)"
+    policy = "same problem and siblings" if d["policy"] == "sibling" else "same problem only"
     lines = ["", "## Decontamination", "",
-             f"Against {items['distinct']} distinct test problems ({items['read']} read; "
-             f"{items['shorter_than_ngram']} shorter than the n-gram, matched by containment).", "",
-             "| method | rows removed |", "|---|---:|"]
-    lines += [f"| {method} | {n} |" for method, n in d["removed_by_method"].items()]
-    paraphrase, judge = d["paraphrase"], d["judge"]
-    if paraphrase is None:
-        return lines + ["", "Paraphrase pass: off."]
-    lines += ["", f"Paraphrase pass ({paraphrase['model']}): {paraphrase['rows_above_threshold']} of "
-                  f"{paraphrase['rows_checked']} rows had {paraphrase['pairs_above_threshold']} test items at "
-                  f"cosine >= {paraphrase['threshold']}, decided by the {d['decided_by']}; embedding took "
-                  f"{paraphrase['seconds_test_items']} s for the test items (0 when cached) and "
-                  f"{paraphrase['seconds_rows']} s for the rows."]
-    if judge is not None:
-        verdicts = ", ".join(f"{v} {n}" for v, n in sorted(judge["verdicts"].items())) or "none"
-        lines.append(f"Judge {judge['model']} ({judge['prompt']}): {judge['pairs']} pairs, {judge['requests']} "
-                     f"requests sent, {judge['cache_hits']} cached; verdicts: {verdicts}; "
-                     f"{judge['rows_kept_by_judge']} rows kept as different.")
+             f"Against {items['distinct']} distinct test problems ({items['read']} read). Retrieval proposed "
+             f"{retrieval['pairs']} candidate pairs for {retrieval['rows_with_candidates']} rows; {decider} decided "
+             f"each: " + (", ".join(f"{n} {label}" for label, n in sorted(labels.items())) or "none") + ".",
+             f"Removed ({policy}): {d['removed']} rows. Siblings kept: {d['siblings_kept']} rows "
+             "(siblings_kept.jsonl). Seconds: " + ", ".join(f"{k.removeprefix('seconds_')} {v}"
+                                                             for k, v in d["seconds"].items()) + "."]
+    if d["judge"] is not None:
+        j = d["judge"]
+        lines.append(f"Judge {j['model']} ({j['prompt']}): {j['pairs']} pairs, {j['requests']} requests sent, "
+                     f"{j['cache_hits']} cached, spent at most ${j['spent_usd_at_most']:.4f}.")
+    for title, examples in (("Removed", d["examples"]["removed"]), ("Siblings kept", d["examples"]["siblings_kept"])):
+        if examples:
+            lines += ["", f"{title} (first {len(examples)}; all in the jsonl, each with its scores):", "",
+                      "| row problem | test item | reason |", "|---|---|---|"]
+            lines += [f"| {_cell(e['problem'])} | {e['test_id']}: {_cell(e['test_problem'])} | {_cell(e['reason'])} |"
+                      for e in examples]
     return lines
+
+
+def _cell(text: str, width: int = 120) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _percent(fraction) -> str:

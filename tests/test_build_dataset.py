@@ -14,8 +14,6 @@ GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
 ORIGINAL = ("A gardener plants seven rows of tulips with twelve bulbs in each row and then adds three rows of "
             "daisies with nine seeds in each row before the spring rain begins to fall on the hill "
             "how many plants grow")
-NOVEL = ("then a neighbour counts twenty eight painted stones along the winding garden path behind the old red "
-         "barn early today")  # 20 words
 
 
 def make_row(row_id, problem, stage="cot", source="gsm8k", persona=None, persona_id=None):
@@ -76,9 +74,12 @@ def test_cli_end_to_end(tmp_path):
 
     [contaminated] = read_jsonl(out / "removed_contaminated.jsonl")
     assert contaminated["id"] == "gsm8k/test:28#p0"
-    assert (contaminated["matched_test_file"], contaminated["matched_test_id"]) == (str(GSM8K_TEST), "test:29")
+    why = contaminated["contamination"]
+    assert (why["test_file"], why["test_id"], why["label"], why["decided_by"]) == \
+           (str(GSM8K_TEST), "test:29", "same", "rule")
     # All 28 13-grams of the 40-word test question are in the row, whatever the preamble before it.
-    assert (contaminated["method"], contaminated["score"], contaminated["field"]) == ("ngram", 1.0, "problem")
+    assert why["retrieval"]["ngram_share"] == 1.0 and why["retrieval"]["lexical_rank"] == 1
+    assert why["reason"].startswith("every quantity of the test item")
 
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows_read"]["per_file"] == {str(tmp_path / "cot.jsonl"): 4, str(tmp_path / "persona.jsonl"): 2}
@@ -106,17 +107,23 @@ def test_near_duplicate_threshold(tmp_path):
     assert (near["id"], near["duplicate_of"], near["similarity"]) == ("b", "a", round(31 / 41, 4))
 
 
-def test_contamination_threshold(tmp_path):
-    """The first 26 of a 40-word test question's words, then 20 new ones: the row holds 14 of the question's
-    28 13-grams (0.5), contaminated at 0.5 only (the overlap pass alone)."""
-    partly = " ".join(re.findall(r"\w+", gsm8k_test_question(28))[:26]) + " " + NOVEL
-    rows = {"cot.jsonl": [make_row("partly", partly), make_row("original", ORIGINAL)]}
-    assert build(tmp_path, rows, "--no_paraphrase")[0] == 0
-    [contaminated] = read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl")
-    assert (contaminated["id"], contaminated["score"]) == ("partly", 0.5)
-    assert build(tmp_path, rows, "--no_paraphrase", "--contamination_threshold", "0.6")[0] == 0
+def test_contamination_policy(tmp_path):
+    """The test question with one number changed is a sibling: kept and reported by default, removed
+    with --contamination_policy sibling."""
+    test = gsm8k_test_question(28)
+    number = re.search(r"\d+", test)[0]
+    sibling = test.replace(number, str(int(number) + 7), 1)
+    rows = {"cot.jsonl": [make_row("sibling", sibling), make_row("original", ORIGINAL)]}
+    assert build(tmp_path, rows)[0] == 0
     assert read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl") == []
-    assert {r["id"] for r in read_jsonl(tmp_path / "out" / "PersonaMathQA.jsonl")} == {"partly", "original"}
+    [kept] = read_jsonl(tmp_path / "out" / "siblings_kept.jsonl")
+    assert (kept["id"], kept["test_id"], kept["label"]) == ("sibling", "test:29", "sibling")
+    assert f"the test item's {number} not in the row" in kept["reason"]
+    assert "Siblings kept: 1 rows" in (tmp_path / "out" / "stats.md").read_text()
+    assert build(tmp_path, rows, "--contamination_policy", "sibling")[0] == 0
+    [removed] = read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl")
+    assert (removed["id"], removed["contamination"]["label"]) == ("sibling", "sibling")
+    assert {r["id"] for r in read_jsonl(tmp_path / "out" / "PersonaMathQA.jsonl")} == {"original"}
 
 
 def test_shuffle_is_seeded(tmp_path):

@@ -1,64 +1,32 @@
-"""Decontamination on real files with the real embedding model: persona-wrapped, short and paraphrased test
-problems are removed, genuine train rows kept; the LLM judge over real HTTP decides the paraphrase candidates."""
+"""Decontamination on real files: the same-problem rule against adversarial siblings and rewrites, the
+hand-labelled cases through the real CLI (every verdict explained), the LLM judge over real HTTP on every
+candidate pair, and the shipped embeddings."""
 import asyncio
 import json
 import os
 import re
 import threading
-from collections import Counter
 
 import pytest
 from aiohttp import web
-from conftest import DATA, run_here
+from conftest import DATA, ROOT, run_here
 
+from personamath import decontamination, retrieval
 from personamath.data import load_any
 from personamath.dataset import main
-from personamath import decontamination
 from personamath.jsonl import read_jsonl, write_jsonl
+from personamath.same_problem import Problem, Thresholds, compare, quantities
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the model comes from the package's files, never from a hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+CASES = [json.loads(line) for name in ("cases_gsm8k", "cases_math")
+         for line in (ROOT / "bench" / "decontamination" / f"{name}.jsonl").open()]
+TESTS = {(f, p.id): p.question for f in ("gsm8k/test.jsonl", "math/MATH_test.jsonl", "math/math500_test.jsonl")
+         for p in load_any(DATA / f)[1]}
+THRESHOLDS = Thresholds(added_quantity_overlap=0.5, setting_overlap=0.3, max_added_quantities=1)
 GSM8K_TEST = load_any(DATA / "gsm8k" / "test.jsonl")[1]
-MATH500 = load_any(DATA / "math" / "math500_test.jsonl")[1]
-# 45 words, no number: the judge below compares numbers.
-PREAMBLE = ("As a community nurse who spends long shifts visiting elderly patients across the valley, I often end up "
-            "puzzling over small everyday questions while I drive between houses, and today one of my patients asked "
-            "me something that I could not answer straight away, so here it is: ")
-BAKER = "As a baker, I need this: "
-# Written for this test: the same problem as the test item named (file, id), reworded, every number kept.
-# MATH-500's problems are named in MATH test, given first, from which MATH-500 is drawn.
-PARAPHRASES = {
-    ("gsm8k/test.jsonl", "test:1"):
-        "Every day the ducks on Janet's farm produce 16 eggs. Three of them she has for breakfast each morning, and "
-        "she uses four daily to bake muffins for friends. Whatever is left she sells at the farmers' market, charging "
-        "$2 for each fresh egg. What are her daily earnings, in dollars, at the market?",
-    ("gsm8k/test.jsonl", "test:3"):
-        "Josh buys a house for $80,000 to flip it and spends $50,000 on renovations, which raises the house's value by "
-        "150%. What was his profit?",
-    ("gsm8k/test.jsonl", "test:4"):
-        "Three times a week, James runs 3 sprints, and each sprint is 60 meters long. What is the total distance in "
-        "meters he covers weekly?",
-    ("gsm8k/test.jsonl", "test:6"):
-        "A glass costs $5 at the shop, but every second glass is sold at only 60% of that price. Kylar needs 16 "
-        "glasses for his new flat. What will he pay in total?",
-    ("gsm8k/test.jsonl", "test:7"):
-        "Seattle has 20 sheep. Charleston owns 4 times as many sheep as Seattle, and Toulouse owns twice as many as "
-        "Charleston. How many sheep do the three cities have in total?",
-    ("math/MATH_test.jsonl", "test/number_theory/572.json"):
-        "Find the number of positive integer divisors of 196.",
-    ("math/MATH_test.jsonl", "test/prealgebra/1622.json"):
-        "Six equilateral triangles make up a regular hexagon. One of the triangles has a perimeter of 21 inches. In "
-        "inches, what is the perimeter of the hexagon?",
-}
-# Eliza's overtime (gsm8k test line 10) with other numbers: the same template, a different problem.
-OTHER_NUMBERS = ("Eliza's rate per hour for the first 35 hours she works each week is $12. She also receives an "
-                 "overtime pay of 1.5 times her regular hourly rate. If Eliza worked for 41 hours this week, how much "
-                 "are her earnings for this week?")
-# Of the 200 train rows below, those removed, measured: none of GSM8K's; of MATH's, 3 by overlap (one a test
-# problem verbatim, two sharing its template) and 6 by embeddings alone (the same template with other numbers:
-# what --judge llm is for). MATH's train and test sets overlap this much by themselves.
-GENUINE_REMOVED = {"ngram": 3, "embedding": 6}
+JANET = GSM8K_TEST[0].question  # 16 eggs, 3 for breakfast, 4 for muffins, $2 each
 
 
 def row(row_id, problem, response="Solution. The answer is 7.", source="gsm8k"):
@@ -67,33 +35,90 @@ def row(row_id, problem, response="Solution. The answer is 7.", source="gsm8k"):
             "prompt_version": "solve-v1"}
 
 
-def genuine_rows() -> list[dict]:
-    """200 train problems with their reference solutions: 100 GSM8K and 100 MATH, spread over the files."""
-    rows = []
-    for name, source, key_q, key_a in (("gsm8k/train.jsonl", "gsm8k", "question", "answer"),
-                                       ("math/MATH_train.jsonl", "math", "problem", "solution")):
-        records = read_jsonl(DATA / name)
-        rows += [row(f"{source}/train:{i}", records[i][key_q], records[i][key_a], source)
-                 for i in range(0, len(records), len(records) // 100)][:100]
-    return rows
+def same(row_text: str, test_text: str) -> bool:
+    return compare(Problem(row_text), Problem(test_text), THRESHOLDS).same
 
 
-def contaminated_rows() -> dict[str, tuple[dict, str]]:
-    """id -> (row, the method expected to catch it)."""
-    short = [p for p in MATH500 if len(re.findall(r"\w+", p.question)) < 13][:20]
-    train = read_jsonl(DATA / "gsm8k" / "train.jsonl")
-    rows = {}
-    for i in range(20, 40):
-        rows[f"wrapped:{i}"] = row(f"wrapped:{i}", PREAMBLE + GSM8K_TEST[i].question), "ngram"
-    for j, i in enumerate(range(40, 45)):  # the test problem only in the response
-        rows[f"in-response:{i}"] = row(f"in-response:{i}", train[5000 + j]["question"],
-                                       f"Restating the question: {GSM8K_TEST[i].question} The answer is 7."), "ngram"
-    for p in short:
-        rows[f"baker:{p.id}"] = row(f"baker:{p.id}", BAKER + p.question, source="math"), "containment"
-    for (_, test_id), text in PARAPHRASES.items():
-        rows[f"paraphrase:{test_id}"] = row(f"paraphrase:{test_id}", text), "embedding"
-    return rows
+# ----------------------------------------------------------------------------- the rule, adversarially
 
+FOOTBALL = ("A football team has 105 members.  There are twice as many players on the offense as there is on the "
+            "defense. There is half the number of players on the special teams as there is on the defense.  How many "
+            "players are on the defense?")
+GRAPH = ("Below is the graph of $y = a \\sin bx$ for some constants $a < 0$ and $b > 0.$  Find $b.$\n\n[asy]"
+         "import TrigMacros;\nsize(400);\nreal g(real x) { return (-2*sin(x/3)); }\ndraw(graph(g,-3*pi,3*pi,n=700,"
+         "join=operator ..),red);\n[/asy]")
+
+
+@pytest.mark.parametrize("rewrite", [
+    # every sentence reordered, the question first, numbers in words, a persona's voice
+    "How much money does Janet pull in at the farmers' market each day? I run a small stall next to hers. "
+    "She sells every leftover egg for $2. Her ducks lay sixteen eggs a day; three go to her breakfast and four "
+    "into muffins for her friends.",
+    # a persona's unrelated number in its own clause
+    "I've kept bees for 20 years, so farm sums are my thing: Janet's ducks lay 16 eggs per day, she eats 3 for "
+    "breakfast, bakes muffins with 4, and sells the rest at $2 per egg. How much in dollars does she make daily "
+    "at the farmers' market?",
+    # the test item verbatim inside a persona's sentences
+    f"As a school nurse I love a puzzle. {JANET} Thanks, it made my lunch break!",
+])
+def test_rewrites_of_a_test_item_are_the_same_problem(rewrite):
+    assert same(rewrite, JANET)
+
+
+@pytest.mark.parametrize("sibling,why", [
+    (JANET.replace("16", "18"), "one number changed"),
+    (JANET.replace("four", "five"), "a number in words changed"),
+    (JANET + " She also gives 5 of the eggs to her friends.", "a condition added"),
+    (FOOTBALL.replace("on the defense?", "on the offense?"), "another quantity asked of the same story"),
+    (GRAPH.replace("Find $b.$", "Find $a.$"), "the same figure code with another question"),
+    ("How many ways are there to put 4 balls in 3 boxes if the balls are distinguishable but the boxes are not? "
+     "Also count the ways with 5 balls.", "a quantity added in the question"),
+])
+def test_siblings_are_not_the_same_problem(sibling, why):
+    test = {"one number changed": JANET, "a number in words changed": JANET, "a condition added": JANET,
+            "another quantity asked of the same story": FOOTBALL,
+            "the same figure code with another question": GRAPH}.get(
+        why, "How many ways are there to put 4 balls in 3 boxes if the balls are distinguishable but the boxes "
+             "are not?")
+    assert not same(sibling, test), why
+
+
+def test_short_problems_and_equivalent_latex():
+    binomial = "Compute $\\dbinom{8}{4}$."
+    assert same("As a chess coach I count pairings all day. Compute $\\binom{8}{4}$.", binomial)
+    assert not same("Compute $\\dbinom{8}{3}$.", binomial)
+    assert not same("Compute $\\dbinom{8}{4}+\\dbinom{8}{3}$.", binomial)
+    radical = "What is $\\sqrt{53}$ in simplest radical form?"
+    assert same("Write $\\sqrt{ 53 }$ in simplest radical form, please: my students asked.", radical)
+    fraction = "Solve for $x$: $\\frac{x}2 + \\frac{x}3 = 5$"
+    assert same("Find $x$ if $\\dfrac{x}{2}+\\dfrac{x}{3}=5$.", fraction)
+    assert not same("Find $x$ if $\\dfrac{x}{2}-\\dfrac{x}{3}=5$.", fraction)
+
+
+def test_problems_without_numbers():
+    word = "Determine the number of ways to arrange the letters of the word THAT."
+    assert not same("Determine the number of ways to arrange the letters of the word RADII.", word)
+    assert same("Puzzle-setter here. Determine the number of ways to arrange the letters of the word THAT.", word)
+
+
+@pytest.mark.parametrize("text,values", [
+    ("one hundred and twenty dollars", {"120"}), ("one-sixth of them", {str(1 / __import__("decimal").Decimal(6))}),
+    ("3 and a half", {"3.5"}), ("$\\frac{1}{2}$ of 1/2", {"0.5"}), ("a 25% tip", {"25", "0.25"}),
+    ("twice as many", {"2"}), ("$1,000", {"1000"}), ("$1{,}000$", {"1000"}),
+])
+def test_quantities_by_value(text, values):
+    assert {format(v, "f") for q in quantities(text) for v in q} == values
+
+
+def test_unrelated_problems_sharing_numbers_are_not_the_same():
+    """Two numbers in common and a few words: a coincidence, not a rewrite."""
+    test = "The length of a rectangle is four times its width. The perimeter is 100 cm. What is its area?"
+    row_text = ("A farmer plants 4 rows of 100 sunflowers along the north fence. How many sunflowers does she "
+                "plant?")
+    assert not same(row_text, test)
+
+
+# ----------------------------------------------------------------------------- the labelled cases, end to end
 
 def build(tmp_path, rows, *flags):
     write_jsonl(tmp_path / "cot.jsonl", rows)
@@ -102,47 +127,64 @@ def build(tmp_path, rows, *flags):
     return status, out
 
 
-def test_rewrites_removed_genuine_rows_kept(tmp_path):
-    """Through the real CLI, offline: every wrapped, short and paraphrased test problem goes, by the
-    expected method, and the genuine train rows stay."""
-    contaminated = contaminated_rows()
-    genuine = genuine_rows()
-    write_jsonl(tmp_path / "cot.jsonl", genuine + [r for r, _ in contaminated.values()])
+def genuine_rows(step: int = 75) -> list[dict]:
+    """GSM8K and MATH train problems spread over the files: training data by the benchmarks' own split."""
+    rows = []
+    for name, source, key in (("gsm8k/train.jsonl", "gsm8k", "question"), ("math/MATH_train.jsonl", "math",
+                                                                              "problem")):
+        records = read_jsonl(DATA / name)
+        rows += [row(f"{source}/train:{i}", records[i][key], source=source) for i in range(0, len(records), step)]
+    return rows
+
+
+def test_labelled_cases_through_the_cli(tmp_path):
+    """Every hand-labelled case and 200 train problems through build_dataset.py with the defaults: the
+    rewrites of test items go with their own test item named, verbatim wrappings all go, new problems and
+    train problems stay, and every removal and kept sibling says why. The shares asserted are the ones
+    bench/bench_decontamination.py measures, a little under (a regression fails here)."""
+    rows = [row(c["case"], c["problem"], source=c["test_file"].split("/")[0]) for c in CASES] + genuine_rows()
+    write_jsonl(tmp_path / "cot.jsonl", rows)
     out = tmp_path / "out"
     result = run_here("build_dataset.py", "--inputs", tmp_path / "cot.jsonl", "--output_dir", out,
                       env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
+    removed = {r["id"]: r["contamination"] for r in read_jsonl(out / "removed_contaminated.jsonl")}
+    by_kind = {}
+    own_item = []
+    for case in CASES:
+        by_kind.setdefault(case["kind"], []).append(case["case"] in removed)
+        if case["case"] in removed and case["label"] == "same":
+            why = removed[case["case"]]
+            assert (why["label"], why["decided_by"]) == ("same", "rule") and why["reason"] and why["retrieval"]
+            own_item.append(why["test_problem"] == TESTS[(case["test_file"], case["test_id"])])
+    assert sum(own_item) >= 0.95 * len(own_item)  # MATH test holds a few near-copies of its own items
+    assert all(by_kind["wrapped"])
+    assert not any(by_kind["new"])
+    assert sum(by_kind["paraphrase"]) >= 0.85 * len(by_kind["paraphrase"])
+    assert sum(by_kind["sibling"]) <= 0.35 * len(by_kind["sibling"])
+    genuine_removed = [i for i in removed if "/train:" in i]
+    assert len(genuine_removed) <= 0.03 * len(genuine_rows())
 
-    removed = {r["id"]: r for r in read_jsonl(out / "removed_contaminated.jsonl")}
-    assert {i: r["method"] for i, r in removed.items() if i in contaminated} == \
-           {i: method for i, (_, method) in contaminated.items()}
-    genuine_removed = [r for i, r in removed.items() if i not in contaminated]
-    assert all(r["source"] == "math" for r in genuine_removed)
-    assert Counter(r["method"] for r in genuine_removed) == GENUINE_REMOVED
-    assert removed["in-response:40"]["field"] == "response"
-    for file, test_id in PARAPHRASES:
-        r = removed[f"paraphrase:{test_id}"]
-        assert r["matched_test_file"].endswith(file) and r["matched_test_id"] == test_id
-        assert (r["decided_by"], r["verdict"]) == ("threshold", None) and r["score"] >= 0.75
-    wrapped = removed["wrapped:20"]
-    assert (wrapped["score"], wrapped["matched_test_text"], wrapped["decided_by"]) == \
-           (1.0, GSM8K_TEST[20].question, "overlap")
-
-    stats = json.loads((out / "stats.json").read_text())
-    d = stats["decontamination"]
-    assert d["removed_by_method"] == {"ngram": 25 + GENUINE_REMOVED["ngram"], "containment": 20,
-                                      "embedding": len(PARAPHRASES) + GENUINE_REMOVED["embedding"]}
-    assert d["decided_by"] == "threshold" and d["judge"] is None
-    assert d["test_items"]["read"] == 1319 + 5000 + 500 and d["test_items"]["distinct"] < 1319 + 5000 + 500
-    assert stats["removed"]["contaminated"] == len(removed)
-    assert "| containment | 20 |" in (out / "stats.md").read_text()
+    siblings = read_jsonl(out / "siblings_kept.jsonl")
+    assert siblings and all(s["label"] == "sibling" and s["reason"] and s["test_id"] for s in siblings)
+    assert not {s["id"] for s in siblings} & set(removed)
+    stats = json.loads((out / "stats.json").read_text())["decontamination"]
+    assert stats["removed"] == len(removed) and stats["siblings_kept"] == len(siblings)
+    assert stats["decided_by"] == "rule" and stats["retrieval"]["pairs"] >= 10 * len(rows) * 0.9
+    markdown = (out / "stats.md").read_text()
+    assert f"Removed (same problem only): {len(removed)} rows. Siblings kept: {len(siblings)} rows" in markdown
+    assert "| row problem | test item | reason |" in markdown
 
 
 # ----------------------------------------------------------------------------- the judge
 
+JUDGE_ANSWERS = {"same": "VERDICT: same", "sibling": "Looks like a template.\nVERDICT: sibling",
+                 "none": "I would need more context."}
+
+
 class JudgeServer:
     """An OpenAI-compatible judge on 127.0.0.1, deterministic: "same" when both problems hold the same
-    numbers, "different" otherwise, and an answer without a verdict for the James sprints item."""
+    numbers, "sibling" when they share one, "different" otherwise, no verdict for the James sprints item."""
 
     def __init__(self):
         self.pairs = []
@@ -165,8 +207,8 @@ class JudgeServer:
                          re.DOTALL).groups()
         self.pairs.append((a, b))
         numbers = [set(re.findall(r"\d+(?:[.,]\d+)*", text)) for text in (a, b)]
-        answer = ("I would need more context." if "James decides" in b else
-                  f"VERDICT: {'same' if numbers[0] == numbers[1] else 'different'}")
+        verdict = "same" if numbers[0] == numbers[1] else "sibling" if numbers[0] & numbers[1] else "different"
+        answer = "I would need more context." if "James decides" in b else f"VERDICT: {verdict}"
         return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                                                "finish_reason": "stop"}],
                                   "usage": {"prompt_tokens": 100, "completion_tokens": 4}})
@@ -183,43 +225,87 @@ def judge_server():
     server.close()
 
 
-def test_judge_decides_candidates(tmp_path, judge_server):
-    """Pairs above the threshold go to the judge; "different" keeps the row, "same" and no verdict remove it;
-    the stats say so; a rerun sends nothing (cached)."""
-    rows = [row(f"paraphrase:{test_id}", text) for (_, test_id), text in PARAPHRASES.items()]
-    rows += [row("other-numbers", OTHER_NUMBERS)] + genuine_rows()[:50]
-    flags = ("--judge", "llm", "--judge_base_url", judge_server.url, "--judge_model", "judge-test")
+def test_judge_decides_every_candidate_pair(tmp_path, judge_server):
+    """No threshold in front of the judge: every retrieved pair is sent. "same" and no verdict remove the row,
+    "sibling" keeps and reports it; a rerun sends nothing (cached); a cap below the cost stops with exit 3
+    and writes nothing."""
+    sprints = GSM8K_TEST[3].question  # James decides to run 3 sprints 3 times a week ...
+    rows = [row("janet-rewrite", JANET.replace("Janet", "Our farmer Jan")), row("sprints", sprints),
+            row("janet-sibling", JANET.replace("16", "18")), *genuine_rows(step=1500)]
+    flags = ("--judge", "llm", "--judge_base_url", judge_server.url, "--judge_model", "judge-test", "--top_k", "3")
     assert build(tmp_path, rows, *flags)[0] == 0
-
-    removed = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl")}
-    kept = {r["id"] for r in read_jsonl(tmp_path / "out" / "PersonaMathQA.jsonl")}
-    assert "other-numbers" in kept
-    assert OTHER_NUMBERS in [a for a, _ in judge_server.pairs]  # it was above the threshold, and judged
-    assert set(removed) == {f"paraphrase:{test_id}" for _, test_id in PARAPHRASES}
-    assert removed.pop("paraphrase:test:4")["verdict"] == "unparseable"  # James: removed all the same
-    assert {r["verdict"] for r in removed.values()} == {"same"}
-    assert {r["decided_by"] for r in removed.values()} == {"judge"}
-
-    d = json.loads((tmp_path / "out" / "stats.json").read_text())["decontamination"]
-    judge = d["judge"]
-    assert d["decided_by"] == "judge"
-    assert judge["pairs"] == judge["requests"] == len(judge_server.pairs) == d["paraphrase"]["pairs_above_threshold"]
-    assert judge["verdicts"]["unparseable"] >= 1 and judge["verdicts"]["different"] >= 1
-    assert judge["rows_kept_by_judge"] >= 1 and judge["model"] == "judge-test"
+    out = tmp_path / "out"
+    stats = json.loads((out / "stats.json").read_text())["decontamination"]
+    assert len(judge_server.pairs) == stats["retrieval"]["pairs"] == stats["judge"]["requests"]
+    assert stats["retrieval"]["pairs"] >= 3 * len(rows)  # every row's top 3, whatever their similarity
+    removed = {r["id"]: r["contamination"] for r in read_jsonl(out / "removed_contaminated.jsonl")}
+    assert removed["janet-rewrite"]["reason"] == "judge: same" and removed["janet-rewrite"]["test_id"] == "test:1"
+    assert removed["sprints"]["label"] in ("same", "unparseable")
+    assert stats["pair_labels"]["unparseable"] >= 1  # James: no verdict, which removes a row all the same
+    siblings = {s["id"]: s for s in read_jsonl(out / "siblings_kept.jsonl")}
+    assert siblings["janet-sibling"]["reason"] == "judge: sibling"
+    assert "janet-sibling" in {r["id"] for r in read_jsonl(out / "PersonaMathQA.jsonl")}
 
     sent = len(judge_server.pairs)
     assert build(tmp_path, rows, *flags)[0] == 0
     assert len(judge_server.pairs) == sent  # all answers came from the cache
-    judge = json.loads((tmp_path / "out" / "stats.json").read_text())["decontamination"]["judge"]
+    judge = json.loads((out / "stats.json").read_text())["decontamination"]["judge"]
     assert (judge["requests"], judge["cache_hits"]) == (0, sent)
 
+    capped = tmp_path / "capped"
+    capped.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        build(capped, rows, *flags, "--judge_model", "gpt-4o-mini", "--judge_max_cost", "0.00001")
+    assert exit_info.value.code == 3
+    assert not (capped / "out" / "PersonaMathQA.jsonl").exists()
 
-# ----------------------------------------------------------------------------- units
+
+@pytest.mark.parametrize("answer,verdict", [("VERDICT: same", "same"), ("verdict: Different.", "different"),
+                                            ("**VERDICT:** sibling", "sibling"), ("They look alike.", "unparseable"),
+                                            ("VERDICT: same\nVERDICT: different", "different")])
+def test_parse_verdict(answer, verdict):
+    assert decontamination.parse_verdict(answer) == verdict
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+def test_overlap_from_the_test_items_side():
+    """Half of a test item's n-grams score 0.5 however long the row; a short item is matched by containment,
+    operators included."""
+    long_item = " ".join(f"w{i}" for i in range(20))  # 8 distinct 13-grams
+    items = [retrieval.TestItem("t.jsonl", "long", long_item),
+             retrieval.TestItem("t.jsonl", "short", "Evaluate $(1+2i)6-3i$.")]
+    index = retrieval.OverlapIndex(items, 13)
+    padding = " ".join(["filler"] * 500)
+    half = " ".join(f"w{i}" for i in range(16))  # 4 of the 8
+    assert index.matches(f"{padding} {half} {padding}", 3) == [(0, 0.5)]
+    assert index.matches(f"First, evaluate (1 + 2i)6 - 3i, which is {padding}", 3) == [(1, 1.0)]
+    assert index.matches("Evaluate $(1+2i)6+3i$.", 3) == []  # another sign: no candidate
+
+
+def test_diagram_code_is_not_overlap():
+    """Two MATH problems that share only their [asy] boilerplate do not match; one that also shares the words does."""
+    asy = "[asy] " + " ".join(f"draw((0,{i})--(8,{i}));" for i in range(30)) + " [/asy]"
+    test = f"The results of a cross-country team's training run are graphed below. Which student is fastest? {asy}"
+    index = retrieval.OverlapIndex([retrieval.TestItem("t.jsonl", "t", test)], 13)
+    assert index.matches(f"How far did the red car go in the first hour of the trip? {asy}", 3) == []
+    assert index.matches(test.replace("draw((0,3)", "draw((1,3)"), 3) == [(0, 1.0)]
+
+
+def test_lexical_retrieval_reads_quantities_by_value():
+    """`sixteen` and `16` are one term: a rewrite with numbers in words still finds its test item first."""
+    tests = [Problem(p.question) for p in GSM8K_TEST[:200]]
+    index = retrieval.LexicalIndex(tests)
+    rewrite = Problem("Sixteen eggs a day from Janet's ducks: three at breakfast, four in muffins, the rest sold "
+                      "for two dollars each. Her daily market takings?")
+    assert index.nearest(rewrite, 5)[0][0] == 0
+    assert len(index.nearest(rewrite, 5)) == 5  # top k, whatever the score
+
 
 def test_shipped_test_embeddings_are_the_models(tmp_path):
     """The shipped embeddings of the default test sets are what the model computes here (40 items spread
-    over the files), and the default run uses them: it computes none."""
-    embedder = decontamination.Embedder()
+    over the files), and --embedding_retrieval uses them: it computes none."""
+    embedder = retrieval.Embedder()
     items, _ = decontamination.load_test_items(decontamination.DEFAULT_TEST_FILES)
     shipped = embedder.encode_cached(items, tmp_path)
     assert list(tmp_path.iterdir()) == []  # found in data/decontamination, nothing computed or written
@@ -231,55 +317,22 @@ def test_shipped_test_embeddings_are_the_models(tmp_path):
 
 def test_computed_embeddings_are_cached(tmp_path):
     """Test files other than the shipped ones are embedded once, stored whole, then read back."""
-    embedder = decontamination.Embedder()
-    items = [decontamination.TestItem("f", str(i), p.question) for i, p in enumerate(GSM8K_TEST[:5])]
+    embedder = retrieval.Embedder()
+    items = [retrieval.TestItem("f", str(i), p.question) for i, p in enumerate(GSM8K_TEST[:5])]
     first = embedder.encode_cached(items, tmp_path)
     (cached,) = tmp_path.iterdir()
     assert cached.name.endswith(".fp16.npy")
-    assert torch_equal(embedder.encode_cached(items, tmp_path), first)
+    assert bool((embedder.encode_cached(items, tmp_path) == first).all())
     changed = embedder.encode_cached(items[:4], tmp_path)  # other texts, another file
     assert len(list(tmp_path.iterdir())) == 2 and changed.shape[0] == 4
 
 
-def torch_equal(a, b) -> bool:
-    return bool((a == b).all())
-
-
-def test_overlap_from_the_test_items_side():
-    """Half of a test item's n-grams suffice however long the row; a short item is matched by containment,
-    operators included, in the problem or the response."""
-    long_item = " ".join(f"w{i}" for i in range(20))  # 8 distinct 13-grams
-    items = [decontamination.TestItem("t.jsonl", "long", long_item),
-             decontamination.TestItem("t.jsonl", "short", "Evaluate $(1+2i)6-3i$.")]
-    index = decontamination.OverlapIndex(items, 13)
-    padding = " ".join(["filler"] * 500)
-    half = " ".join(f"w{i}" for i in range(16))  # 4 of the 8
-    match = index.match(row("a", f"{padding} {half} {padding}"))
-    assert (match.item.id, match.method, match.score, match.field) == ("long", "ngram", 0.5, "problem")
-    match = index.match(row("b", "What is 2?", f"First, evaluate (1 + 2i)6 - 3i, which is {padding}"))
-    assert (match.item.id, match.method, match.score, match.field) == ("short", "containment", 1.0, "response")
-    assert index.match(row("c", "Evaluate $(1+2i)6+3i$.")) is None  # another sign: another problem
-
-
-def test_diagram_code_is_not_overlap():
-    """Two MATH problems that share only their [asy] boilerplate do not match; one that also shares the words does."""
-    asy = "[asy] " + " ".join(f"draw((0,{i})--(8,{i}));" for i in range(30)) + " [/asy]"
-    test = f"The results of a cross-country team's training run are graphed below. Which student is fastest? {asy}"
-    index = decontamination.OverlapIndex([decontamination.TestItem("t.jsonl", "t", test)], 13)
-    assert index.match(row("a", f"How far did the red car go in the first hour of the trip? {asy}")) is None
-    assert index.match(row("b", test.replace("draw((0,3)", "draw((1,3)"))).score == 1.0
-
-
-def test_judge_needs_the_paraphrase_pass(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build(tmp_path, [row("a", "What is 1+1?")], "--judge", "llm", "--no_paraphrase")
-    assert exit_info.value.code == 2
-    assert "--judge llm decides the paraphrase pass's candidates" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("answer,verdict", [("VERDICT: same", "same"), ("verdict: Different.", "different"),
-                                            ("**VERDICT:** same", "same"), ("They look alike.", "unparseable"),
-                                            ("VERDICT: same\nVERDICT: different", "different")])
-def test_parse_verdict(answer, verdict):
-    assert decontamination.parse_verdict(answer) == verdict
+def test_embedding_retrieval_adds_candidates(tmp_path):
+    rows = [row("janet", f"As a nurse: {JANET}")]
+    assert build(tmp_path, rows, "--embedding_retrieval", "--top_k", "2",
+                 "--embedding_cache_dir", str(tmp_path / "cache"))[0] == 1  # the only row goes: nothing kept
+    [removed] = read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl")
+    assert removed["contamination"]["retrieval"]["embedding_rank"] == 1
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["decontamination"]
+    assert stats["retrieval"]["embedding"] and "seconds_embedding" in stats["seconds"]
+    assert not (tmp_path / "cache").exists()  # the default test sets' embeddings are shipped
