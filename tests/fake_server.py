@@ -1,7 +1,8 @@
 """A fake OpenAI-compatible chat-completions server for tests and benchmarks, on 127.0.0.1 only.
 
 A deterministic "brain" answers the generation stages' prompts (solve, rewrite_persona,
-propose_personas, reflect) from the gold answers of the problems it is given: a stable-hash
+propose_personas, reflect; and the decontamination judge: "same" when the row holds the test problem
+whole) from the gold answers of the problems it is given: a stable-hash
 `hard_fraction` of problems is solved wrong, and a `hopeless_fraction` (a subset) stays wrong after
 reflection. Requests are counted (`GET /stats`); `latency` and `slots` bound its throughput to
 slots/latency requests per second; `stall_after` makes it stop answering after that many requests, as
@@ -43,7 +44,8 @@ from personamath.data import Problem, load_any, load_problems
 from personamath.errors import exit_on_user_error
 from personamath.prompts import PLACEHOLDER, load_prompt
 
-TEMPLATES = {"solve": "solve", "rewrite": "rewrite_persona", "propose": "propose_personas", "reflect": "reflect"}
+TEMPLATES = {"solve": "solve", "rewrite": "rewrite_persona", "propose": "propose_personas", "reflect": "reflect",
+             "judge": "decontam_judge"}
 TRANSIENT_FAULTS = ("429", "500", "slow", "malformed", "empty")  # a body is given the first that selects it
 PERMANENT_FAULTS = ("length", "400")  # every time the body is sent
 FAULT_TYPES = (*TRANSIENT_FAULTS, *PERMANENT_FAULTS)
@@ -97,7 +99,7 @@ class _Template:
 
 
 class Brain:
-    """Deterministic answers to the four prompts, from the known problems' gold answers."""
+    """Deterministic answers to the five prompts, from the known problems' gold answers."""
 
     def __init__(self, problems: list[Problem], hard_fraction: float = 0.3, hopeless_fraction: float = 0.1,
                  bad_rewrites: float = 0.0):
@@ -153,6 +155,10 @@ class Brain:
             elif problem is not None and draw < self.bad_rewrites:  # the answer given away
                 rewritten += f" (The answer is {problem.gold}.)"
             return kind, problem, rewritten
+        if kind == "judge":  # the decontamination judge: the same problem when the row holds the test item whole
+            row_text, test_text = (" ".join((template.field(message, name) or "").split())
+                                   for name in ("row_problem", "test_problem"))
+            return kind, problem, f"VERDICT: {'same' if test_text and test_text in row_text else 'different'}"
         if kind == "propose":
             k = template.field(message, "k") or ""
             seed = problem.question if problem else source

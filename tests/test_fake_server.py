@@ -111,7 +111,7 @@ def test_endpoints_and_stats(server, problems):
     stats = get(server, "/stats")
     assert stats == server.stats()
     assert stats["requests"] == stats["completed"] == 3
-    assert stats["by_kind"] == {"solve": 1, "rewrite": 1, "propose": 0, "reflect": 0, "unknown": 1}
+    assert stats["by_kind"] == {"solve": 1, "rewrite": 1, "propose": 0, "reflect": 0, "judge": 0, "unknown": 1}
     server.reset_stats()
     assert server.stats()["requests"] == 0
 
