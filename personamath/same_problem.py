@@ -304,10 +304,12 @@ def compare(row: Problem, test: Problem, thresholds: Thresholds) -> Verdict:
         return Verdict(False, asked, overlap)
     # Many quantities or expressions found again are no coincidence; one or two numbers may be, so the
     # fewer the test item has, the more of its words the row must hold.
-    evidence = len(test.quantities) + 2 * sum(sum(math_tokens(e).values()) >= 3 for e in test.expressions)
+    formulas = sum(sum(math_tokens(e).values()) >= 3 for e in test.expressions)
+    evidence = len(test.quantities) + 2 * formulas
     needed = thresholds.setting_overlap + SETTING_STEP * max(0, STRONG_EVIDENCE - evidence)
-    # A problem of a few prose words ("Solve for $x$: ...") is its mathematics: rewording it may keep none.
-    few_words = len(test.words) < FEW_WORDS and evidence >= STRONG_EVIDENCE
+    # A problem of a few prose words and a formula ("Solve for $x$: ...") is its mathematics: rewording it
+    # may keep none of the words.
+    few_words = len(test.words) < FEW_WORDS and formulas and evidence >= STRONG_EVIDENCE
     if overlap < needed and not few_words:
         return Verdict(False, f"only {overlap:.0%} of the test item's words are in the row (needs {needed:.0%} "
                               f"with {evidence} quantities and expressions)", overlap)
