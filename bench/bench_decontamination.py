@@ -50,8 +50,8 @@ def cpu() -> str:
     return f"{model}; flags: {' '.join(flags) or 'none of avx2/avx512_bf16/amx_bf16'}"
 
 
-def row(row_id: str, problem: str, source: str) -> dict:
-    return {"id": row_id, "problem": problem, "source": source, "stage": "cot"}
+def row(row_id: str, problem: str, source: str, gold: str | None) -> dict:
+    return {"id": row_id, "problem": problem, "source": source, "stage": "cot", "gold": gold}
 
 
 def run(rows: list[dict], flags: list[str], out: Path):
@@ -63,7 +63,7 @@ def run(rows: list[dict], flags: list[str], out: Path):
 
 def labelled(flags, out):
     cases = [json.loads(line) for name in ("cases_gsm8k", "cases_math") for line in (CASES / f"{name}.jsonl").open()]
-    removed, _, _, _ = run([row(c["case"], c["problem"], c["test_file"].split("/")[0]) for c in cases], flags, out)
+    removed, _, _, _ = run([row(c["case"], c["problem"], c["test_file"].split("/")[0], c["gold"]) for c in cases], flags, out)
     gone = {r["id"] for r in removed}
     print("\n## 1. Hand-labelled cases (bench/decontamination/)\n")
     print("| split | same removed (recall) | removed that are same (precision) | paraphrase removed | wrapped removed "
@@ -83,14 +83,34 @@ def labelled(flags, out):
     print(f"Siblings/new removed: {', '.join(c['case'] for c in wrong) or 'none'}")
 
 
+def train_test_pairs(flags, out):
+    """The hand-labelled real pairs: a train question and a test problem that retrieval put together."""
+    pairs = [json.loads(line) for line in (CASES / "train_test_pairs.jsonl").open()]
+    train = {(name, p.id): (p, source) for name, source in (("gsm8k/train.jsonl", "gsm8k"),
+                                                            ("math/MATH_train.jsonl", "math"))
+             for p in load_any(ROOT / "data" / name)[1]}
+    ids = list(dict.fromkeys((p["train_file"], p["train_id"]) for p in pairs))
+    rows = [row(i, train[key][0].question, train[key][1], train[key][0].gold) for key in ids for i in [key[1]]]
+    removed, _, _, _ = run(rows, flags, out)
+    gone = {r["id"] for r in removed}
+    print("\n## 2. Hand-labelled train/test pairs (bench/decontamination/train_test_pairs.jsonl)\n")
+    print("| label | pairs | train question removed |")
+    print("|---|---:|---:|")
+    for label in ("same", "sibling", "different"):
+        chosen = [p for p in pairs if p["label"] == label]
+        print(f"| {label} | {len(chosen)} | {_frac(sum(p['train_id'] in gone for p in chosen), len(chosen))} |")
+    missed = [p["pair"] for p in pairs if p["label"] == "same" and p["train_id"] not in gone]
+    print(f"\n`same` pairs whose train question was kept: {missed or 'none'}")
+
+
 def train_questions(flags, out):
-    rows = [row(p.id, p.question, source) for name, source in (("gsm8k/train.jsonl", "gsm8k"),
+    rows = [row(p.id, p.question, source, p.gold) for name, source in (("gsm8k/train.jsonl", "gsm8k"),
                                                                ("math/MATH_train.jsonl", "math"))
             for p in load_any(ROOT / "data" / name)[1]]
     removed, siblings, stats, seconds = run(rows, flags, out)
     by_source = Counter(r["source"] for r in removed)
     total = Counter(r["source"] for r in rows)
-    print("\n## 2. The original GSM8K + MATH train questions\n")
+    print("\n## 3. The original GSM8K + MATH train questions\n")
     print(f"Removed {_frac(len(removed), len(rows))} ({', '.join(f'{s} {_frac(by_source[s], n)}' for s, n in total.items())}); "
           f"siblings kept {len(siblings)}; {len(rows) / seconds:.0f} rows/s.")
     (out / "train_removed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in removed))
@@ -107,14 +127,14 @@ def speed(n_rows, flags, out):
 
     def synthetic(i):
         text = re.sub(r"\d+", lambda m: str(int(m[0]) + random.randint(1, 9)), random.choice(train))
-        return row(f"synthetic:{i}", f"{random.choice(PERSONAS)} {text}", "math")
+        return row(f"synthetic:{i}", f"{random.choice(PERSONAS)} {text}", "math", None)
 
     rows = [synthetic(i) for i in range(n_rows)]
     _, _, stats, seconds = run(rows, flags, out)
     sample = rows[:300]
     _, _, sample_stats, _ = run(sample, [*flags, "--embedding_retrieval"], out)
     embedding_rate = len(sample) / max(sample_stats["seconds"]["seconds_embedding"], 1e-9)
-    print(f"\n## 3. Speed: {n_rows:,} synthetic rows (train questions, persona sentence, renumbered)\n")
+    print(f"\n## 4. Speed: {n_rows:,} synthetic rows (train questions, persona sentence, renumbered)\n")
     print(f"Default (lexical + overlap retrieval, the rule): {seconds:.0f} s in all ({n_rows / seconds:.0f} rows/s; "
           f"{stats['seconds']}); {stats['removed']} removed, {stats['siblings_kept']} siblings.")
     print(f"Baseline, the embedding retriever on {len(sample)} of them: {embedding_rate:.0f} rows/s, so "
@@ -144,6 +164,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     print(f"# Decontamination bench\n\nCPU: {cpu()}\nFlags: {' '.join(flags) or 'the defaults'}")
     labelled(flags, out)
+    train_test_pairs(flags, out)
     train_questions(flags, out)
     if args.rows:
         speed(args.rows, flags, out)

@@ -235,7 +235,7 @@ def summarize(args, rows_per_file, dataset, exact, near, contaminated, decontami
         "settings": {"decontaminate": [str(f) for f in args.decontaminate],
                      **{name: getattr(args, name) for name in (
                          "contamination_policy", "top_k", "ngram", "embedding_retrieval", "added_quantity_overlap",
-                         "setting_overlap", "sibling_similarity", "judge")},
+                         "max_added_quantities", "setting_overlap", "answers", "sibling_similarity", "judge")},
                      "near_dup_threshold": args.near_dup_threshold, "near_dup_shingle_words": SHINGLE,
                      "shuffle": not args.no_shuffle, "seed": args.seed},
         "provenance": provenance(),

@@ -23,10 +23,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import pipeline
+from . import batch, pipeline
 from .data import load_any
 from .errors import UserError
-from .llm import LLMError, add_llm_args
+from .llm import add_llm_args
 from .paths import user_cache_dir
 from .prompts import load_prompt
 from .retrieval import Embedder, LexicalIndex, OverlapIndex, TestItem, nearest
@@ -68,12 +68,16 @@ def add_decontamination_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--setting_overlap", type=float, default=0.3,
                    help="the rule's step 4: the least share of a test item's words in the row, raised by 0.15 for "
                         "each quantity or expression under 3 the test item has (default 0.3, measured)")
+    g.add_argument("--answers", choices=["use", "ignore"], default="use",
+                   help="use (default): where a row's gold and the test item's are both known, a row answered "
+                        "otherwise is not the same problem and one answered alike needs less textual evidence; "
+                        "ignore: the texts alone decide (as for rows without a gold)")
     g.add_argument("--sibling_similarity", type=float, default=0.5,
                    help="lexical cosine from which a pair that is not the same problem is reported as a sibling "
                         "(default 0.5, measured)")
     g.add_argument("--judge", choices=["off", "llm"], default="off",
                    help="who decides the candidate pairs: off, the rule (default); llm, an LLM judge on every pair "
-                        "(a full-scale run should use it; --dry_run-style estimate: pairs = rows x ~top_k)")
+                        "(about rows x --top_k requests; a full-scale run should use it)")
     g.add_argument("--judge_model", default="gpt-4o-mini")
     g.add_argument("--judge_base_url", default=None,
                    help="OpenAI-compatible endpoint of the judge (default: $OPENAI_BASE_URL or the OpenAI API; "
@@ -104,18 +108,19 @@ def load_test_items(paths) -> tuple[list[TestItem], int]:
             key = " ".join(problem.question.split())
             if key not in seen:
                 seen.add(key)
-                items.append(TestItem(str(path), problem.id, problem.question))
+                items.append(TestItem(str(path), problem.id, problem.question, problem.gold))
     return items, read
 
 
 # ----------------------------------------------------------------------------- candidates
 
-def candidates(rows: list[dict], items: list[TestItem], tests: list[Problem], args) -> tuple[list[dict], dict]:
+def candidates(rows: list[dict], problems: list[Problem], items: list[TestItem], tests: list[Problem],
+               args) -> tuple[list[dict], dict]:
     """For each row, {test index: its retrieval scores} in order of first proposal; and timings."""
     started = time.monotonic()
     lexical, overlap = LexicalIndex(tests), OverlapIndex(items, args.ngram)
     found = []
-    for row, problem in zip(rows, (Problem(row["problem"]) for row in rows)):
+    for row, problem in zip(rows, problems):
         scores = {}
         for rank, (i, score) in enumerate(lexical.nearest(problem, args.top_k), 1):
             scores.setdefault(i, {})["lexical"] = round(score, 4)
@@ -144,7 +149,7 @@ def judge_client(args: argparse.Namespace, output_dir: Path):
     paced, capped by --judge_max_cost, batched with --judge_batch."""
     p = argparse.ArgumentParser()
     add_llm_args(p)
-    pipeline.batch.add_batch_args(p)
+    batch.add_batch_args(p)
     argv = ["--model", args.judge_model, "--temperature", "0", "--max_tokens", "64",
             "--concurrency", str(args.judge_concurrency), "--cache", str(Path(output_dir) / "judge_cache.sqlite")]
     argv += ["--max_cost", str(args.judge_max_cost)] if args.judge_max_cost is not None else []
@@ -198,20 +203,20 @@ def decontaminate(rows: list[dict], args: argparse.Namespace, output_dir: Path) 
     """(kept rows in input order, removed rows with the pair that removed them, the siblings kept with
     their nearest test item, statistics)."""
     items, read = load_test_items(args.decontaminate)
-    tests = [Problem(item.text) for item in items]
-    found, timings = candidates(rows, items, tests, args)
+    tests = [Problem(item.text, item.gold) for item in items]
+    problems = [Problem(row["problem"], row.get("gold")) for row in rows]  # each read once, for retrieval and decision
+    found, timings = candidates(rows, problems, items, tests, args)
     pairs = [(r, i) for r, scores in enumerate(found) for i in scores]
     started = time.monotonic()
     if args.judge == "llm":
         verdicts, account = judge([(rows[r]["problem"], items[i].text) for r, i in pairs], args, output_dir)
         decisions = {pair: (verdict, f"judge: {verdict}") for pair, verdict in zip(pairs, verdicts)}
     else:
-        thresholds = Thresholds(args.added_quantity_overlap, args.setting_overlap, args.max_added_quantities)
-        problems = {}
+        thresholds = Thresholds(args.added_quantity_overlap, args.setting_overlap, args.max_added_quantities,
+                                use_answers=args.answers == "use")
         decisions = {}
         for r, i in pairs:
-            row_problem = problems.setdefault(r, Problem(rows[r]["problem"]))
-            verdict = compare(row_problem, tests[i], thresholds)
+            verdict = compare(problems[r], tests[i], thresholds)
             sibling = found[r][i].get("lexical", 0.0) >= args.sibling_similarity or "ngram_share" in found[r][i]
             decisions[(r, i)] = ("same" if verdict.same else "sibling" if sibling else "different", verdict.reason)
         account = None

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .same_problem import ASY, Problem
+from .same_problem import ASY, MATH_TOKEN, Problem
 
 ROOT = Path(__file__).resolve().parent.parent
 # The default test sets' embeddings, computed once (`build_dataset.py ... --embedding_retrieval
@@ -46,14 +46,19 @@ class TestItem:
     file: str
     id: str
     text: str
+    gold: str | None = None
 
 
 # ----------------------------------------------------------------------------- lexical
 
 def lexical_terms(problem: Problem) -> Counter:
-    """A problem's terms: its content words and, as `#value`, every value its quantities may be written as."""
-    terms = Counter(w for w in problem.word_list)
+    """A problem's terms: its content words; as `#value`, every value its quantities may be written as; and
+    as `$a b`, each pair of adjacent symbols of its formulas (`\\sqrt 5`, `x ^`): what a short problem is."""
+    terms = Counter(problem.word_list)
     terms.update(f"#{v}" for v in problem.values)
+    for expression in problem.expressions:
+        symbols = MATH_TOKEN.findall(expression)
+        terms.update(f"${a} {b}" for a, b in zip(symbols, symbols[1:]))
     return terms
 
 

@@ -22,7 +22,8 @@ WORD = re.compile(r"[a-z]+|[^\sa-z-]")  # words, and each other mark, which ends
 BRACELESS_FRACTION = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
 
 
-def _value(token: str) -> Decimal | None:
+def number_value(token: str) -> Decimal | None:
+    """`1,234.50` -> 1234.5; None for what is no number."""
     try:
         return Decimal(token.replace(",", "")).normalize()
     except InvalidOperation:
@@ -58,14 +59,14 @@ def _word_numbers(text: str) -> set[Decimal]:
 def numbers(text: str) -> set[Decimal]:
     """Every number a text states, in digits or in words, as values (so `1,000` and `1000` are one)."""
     text = BRACELESS_FRACTION.sub(r"\\frac{\1}{\2}", text)
-    values = {_value(token) for token in DIGITS.findall(text)}
+    values = {number_value(token) for token in DIGITS.findall(text)}
     return {v for v in values if v is not None} | _word_numbers(text)
 
 
 def states_answer(text: str, gold: str) -> bool:
     """Whether the text states the gold answer: its value among the text's numbers, or for a gold that
     is no plain number (an expression, a word), its normalised spelling inside the text."""
-    value = _value(gold.strip())
+    value = number_value(gold.strip())
     if value is not None:
         return value in numbers(text)
     spelled = spelling(gold).lower()

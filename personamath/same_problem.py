@@ -11,24 +11,32 @@ The rule compares the mathematics of the pair, in this order (the first that fai
    `one thousand`; `\\frac12` = `1/2` = `0.5` = `half`; `thrice` = `3`; `50%` = `50` = `0.5`);
 2. expressions: every LaTeX expression of the test item is in the row, up to spelling (spacing,
    braces, `\\dfrac` vs `\\frac`, `\\left(`, `$` vs `\\(`; parser.spelling);
-3. no added quantity: a row sentence that shares most of its words with the test item states no
-   quantity the test item lacks (a persona's "in my 20 years of teaching" shares none);
-4. the setting: enough of the test item's words are in the row (a coincidence of a few numbers is
-   not a rewrite);
-5. the question: the row asks what the test item asks (the embedding similarity of their question
-   sentences, measured by the caller; see decontamination.py).
-The thresholds of 3-5 are measured on the hand-labelled cases in bench/decontamination/ (see
-bench/bench_decontamination.py), not guessed.
+3. no added quantity: the row states at most --max_added_quantities quantities the test item lacks,
+   and none in a clause that shares most of its words with the test item (a persona's "in my 20
+   years of teaching" shares none);
+4. what is asked: the names in capitals of the test item (`the word THAT`) are in the row; the row's
+   question names no notion (sum, area, prime, largest, ...) the test item never names; and a
+   question kept nearly word for word asks about the same thing (not `offense` for `defense`, not
+   `Find $a$` for `Find $b$`);
+5. the answers, where the row's gold answer and the test item's are both known: a row answered
+   otherwise does not leak the test item's answer, so it is not the same problem (unless it holds
+   the test item word for word: then it is its question, whatever answer it was given);
+6. the setting: enough of the test item's words are in the row, more when it has few quantities and
+   formulas (two numbers in common are a coincidence, not a rewrite). An agreeing answer counts as
+   a formula, and with the test item's quantities and formulas found no share of words is asked;
+   step 3 then allows persona numbers freely.
+The thresholds are measured on the hand-labelled cases of bench/decontamination/ (see
+bench/bench_decontamination.py --sweep).
 """
 import re
 from difflib import SequenceMatcher
-from collections import Counter
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from functools import cached_property
 
+from .grader import paper_math_equiv
 from .parser import spelling
-from .rewrites import SCALES, TENS, UNITS, numbers
+from .rewrites import SCALES, TENS, UNITS, number_value, numbers
 
 # Asymptote figure code: coordinates and drawing commands, not the problem's quantities. A rewrite
 # may keep or drop the figure; another question about the same figure is a sibling, decided by 5.
@@ -55,7 +63,8 @@ EXPRESSION_BREAK = re.compile(r"\\q?quad|=|\\(?:text|mbox|textrm|mathrm)\s*\{[^{
 # is a word swapped in it taken for another quantity asked (a rewording moves and replaces many).
 QUESTION_KEPT = 0.6
 SHORT_QUESTION = 6  # words: a question this short ("Find $b$.") is compared whatever the rewording
-# Quantities plus twice the expressions (of 3 symbols or more), from which the mathematics found in the row is
+FORMULA_SYMBOLS = 3  # an expression this long is a formula (`x` or `$D$` is a name)
+# Quantities plus twice the formulas, from which the mathematics found in the row is
 # no coincidence; below it, each one fewer raises the share of the test item's words the row must hold.
 STRONG_EVIDENCE = 3
 SETTING_STEP = 0.15
@@ -65,6 +74,7 @@ PROSE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}\s+[a-zA-Z]{2,}\b")
 # A clause: where a persona's aside ("I've been a carpenter for 30 years") ends and the problem goes on.
 CLAUSE_END = re.compile(r"[,;:]\s+|\s+(?:but|so|while|because)\s+")
 MATH_TOKEN = re.compile(r"\\[a-zA-Z]+|\d+(?:\.\d+)?|[a-zA-Z]|[^\s\w$]")
+FLAT_WORD = re.compile(r"\w+")
 NAME = re.compile(r"\b[A-Z]{2,}\b")
 # What a question asks for: a rewrite keeps these notions (under one of the names of a group); another
 # quantity asked of the same story usually names another one.
@@ -93,26 +103,19 @@ NUMBER_WORDS = frozenset({*UNITS, *TENS, *SCALES, *MULTIPLIERS, *DENOMINATORS, *
                           "times", "number", "numbers"})
 
 
-def _value(text: str) -> Decimal | None:
-    try:
-        return Decimal(text.replace(",", "")).normalize()
-    except InvalidOperation:
-        return None
-
-
 def quantities(text: str) -> list[frozenset]:
     """The quantities a text states, each as the set of values it may be written as."""
     found = []
 
     def fraction(m):
         a, b = (m[1] or m[2] or m[5]), (m[3] or m[4] or m[6])
-        whole, part = _value(a), _value(b)
+        whole, part = number_value(a), number_value(b)
         if whole is not None and part:
             found.append(frozenset({(whole / part).normalize()}))
         return " ; "  # consumed: `\frac{1}{2}` is one quantity, not 1 and 2
 
     def percent(m):
-        value = _value(m[1])
+        value = number_value(m[1])
         found.append(frozenset({value, (value / 100).normalize()}))
         return " ; "
 
@@ -150,16 +153,14 @@ def expressions(text: str) -> list[str]:
             continue
         for part in EXPRESSION_BREAK.split(segment):
             part = spelling(part).strip(",.;:?!")
-            if part and _value(part) is None:
+            if part and number_value(part) is None:
                 found.append(part)
     return found
 
 
-def math_tokens(spelled: str) -> Counter:
-    """An expression's symbols, numbers, variables and commands, with grouping dropped and `\\frac` read as
-    `/`: `\\frac{3+4i}{1+2i}` and `(3+4i)/(1+2i)` hold the same, `x^2/4+y^2/9` and `x^2/4-y^2/9` do not."""
-    return Counter(t for t in MATH_TOKEN.findall(spelled.replace("\\frac", "/").replace("\\over", "/"))
-                   if t not in "()[]")
+def symbols(expression: str) -> int:
+    """An expression's symbols, numbers, variables and commands: `x` has 1, `\\fracx2+\\fracx3` 7."""
+    return len(MATH_TOKEN.findall(expression))
 
 
 def math_terms(text: str) -> set[str]:
@@ -181,8 +182,9 @@ def is_question(sentence: str) -> bool:
 
 @dataclass
 class Problem:
-    """A problem's text, read once for every comparison it takes part in."""
+    """A problem's text, read once for every comparison it takes part in, and its answer where known."""
     text: str
+    answer: str | None = None
 
     @cached_property
     def body(self) -> str:
@@ -216,6 +218,11 @@ class Problem:
     def spelled(self) -> str:
         """The whole text up to spelling, math delimiters dropped: where expressions are looked for."""
         return spelling(self.body.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", ""))
+
+    @cached_property
+    def flat(self) -> str:
+        """Its words and numbers, lowercased, one space apart: a test item's is inside a row that copies it."""
+        return " " + " ".join(FLAT_WORD.findall(self.text.lower())) + " "  # figure included: another figure, another problem
 
     @cached_property
     def names(self) -> set[str]:
@@ -257,16 +264,30 @@ def show(values) -> str:
 @dataclass
 class Thresholds:
     """The rule's measured settings (decontamination.py's flags of the same names)."""
-    added_quantity_overlap: float  # 3: a row sentence sharing this share of its words with the test item is its
+    added_quantity_overlap: float  # 3: a row clause sharing this share of its words with the test item is in it
     setting_overlap: float  # 4: the least share of the test item's words in the row (more for few quantities)
     max_added_quantities: int  # 3: quantities the row may state that the test item lacks (a persona's "20 years")
+    use_answers: bool = True  # 6: the gold answers, where both are known, decide too
 
 
 @dataclass
 class Verdict:
     same: bool
     reason: str
-    word_overlap: float  # share of the test item's content words in the row
+
+
+def same_answer(a: str | None, b: str | None) -> bool | None:
+    """Whether two gold answers agree (by value, else by the authors' MATH normalisation); None when one
+    is unknown."""
+    if not (a and a.strip() and b and b.strip()):
+        return None
+    x, y = number_value(a.strip().strip("$")), number_value(b.strip().strip("$"))
+    if x is not None and y is not None:
+        return x == y
+    try:
+        return paper_math_equiv(a.strip(), b.strip()) or spelling(a) == spelling(b)
+    except (ArithmeticError, ValueError):
+        return spelling(a) == spelling(b)
 
 
 def word_overlap(row: Problem, test: Problem) -> float:
@@ -274,48 +295,54 @@ def word_overlap(row: Problem, test: Problem) -> float:
 
 
 def compare(row: Problem, test: Problem, thresholds: Thresholds) -> Verdict:
-    """Steps 1-4 of the rule. A pair that passes them is the same problem if its question sentences
-    agree (step 5, which needs embeddings: `asks_the_same`)."""
-    overlap = word_overlap(row, test)
+    """The rule, step by step (see the module's docstring): the first step that fails says why not."""
+    answers = same_answer(row.answer, test.answer) if thresholds.use_answers else None
     missing = [q for q in test.quantities if not q & row.values]
     if missing:
-        return Verdict(False, f"the test item's {', '.join(show(q) for q in missing[:4])} not in the row", overlap)
+        return Verdict(False, f"the test item's {', '.join(show(q) for q in missing[:4])} not in the row")
     absent = [e for e in test.expressions if e not in row.spelled]
     if absent:
-        return Verdict(False, f"the test item's expression ${absent[0]}$ is not in the row", overlap)
+        return Verdict(False, f"the test item's expression ${absent[0]}$ is not in the row")
     added = [(clause, q) for clause, found in zip(row.clauses, row.clause_quantities)
              for q in found if not q & test.values]
-    if len(added) > thresholds.max_added_quantities:
+    if len(added) > thresholds.max_added_quantities and not answers:
         return Verdict(False, f"the row states {len(added)} quantities the test item lacks "
-                              f"({', '.join(show(q) for _, q in added[:4])})", overlap)
+                              f"({', '.join(show(q) for _, q in added[:4])})")
     for clause, q in added:
         words = content_words(clause)
         if words and len(words & test.words) / len(words) >= thresholds.added_quantity_overlap:
-            return Verdict(False, f"the row adds {show(q)} in \"{_short(clause)}\"", overlap)
+            return Verdict(False, f"the row adds {show(q)} in \"{_short(clause)}\"")
     missing_names = test.names - row.names
     if missing_names:
-        return Verdict(False, f"the test item's {', '.join(sorted(missing_names)[:3])} not in the row", overlap)
+        return Verdict(False, f"the test item's {', '.join(sorted(missing_names)[:3])} not in the row")
     terms = row.question_terms - test.terms
     if terms:
-        return Verdict(False, f"the row asks for {', '.join(sorted(terms)[:3])}, which the test item never names",
-                       overlap)
+        return Verdict(False, f"the row asks for {', '.join(sorted(terms)[:3])}, which the test item never names")
     asked = _asks_another(row, test)
     if asked:
-        return Verdict(False, asked, overlap)
+        return Verdict(False, asked)
+    # The test item word for word in the row is its question, whatever answer the row was given.
+    if answers is False and test.flat not in row.flat:
+        return Verdict(False, f"the answers differ (row {row.answer}, test item {test.answer})")
     # Many quantities or expressions found again are no coincidence; one or two numbers may be, so the
     # fewer the test item has, the more of its words the row must hold.
-    formulas = sum(sum(math_tokens(e).values()) >= 3 for e in test.expressions)
+    formulas = sum(symbols(e) >= FORMULA_SYMBOLS for e in test.expressions)
     evidence = len(test.quantities) + 2 * formulas
+    overlap = word_overlap(row, test)
+    if answers:  # the answer agreeing is evidence too: as much as a formula
+        evidence += 2
     needed = thresholds.setting_overlap + SETTING_STEP * max(0, STRONG_EVIDENCE - evidence)
+    if answers and evidence >= STRONG_EVIDENCE + 2:  # the mathematics and the answer: the words may all be new
+        needed = 0.0
     # A problem of a few prose words and a formula ("Solve for $x$: ...") is its mathematics: rewording it
     # may keep none of the words.
     few_words = len(test.words) < FEW_WORDS and formulas and evidence >= STRONG_EVIDENCE
     if overlap < needed and not few_words:
         return Verdict(False, f"only {overlap:.0%} of the test item's words are in the row (needs {needed:.0%} "
-                              f"with {evidence} quantities and expressions)", overlap)
+                              f"with {evidence} quantities and expressions)")
     return Verdict(True, f"every quantity of the test item ({', '.join(show(q) for q in test.quantities) or 'none'})"
                          f" and expression ({len(test.expressions)}) is in the row, which adds none; "
-                         f"{overlap:.0%} of its words", overlap)
+                         f"{overlap:.0%} of its words")
 
 
 def _asks_another(row: Problem, test: Problem) -> str | None:

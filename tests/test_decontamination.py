@@ -15,7 +15,7 @@ from personamath import decontamination, retrieval
 from personamath.data import load_any
 from personamath.dataset import main
 from personamath.jsonl import read_jsonl, write_jsonl
-from personamath.same_problem import Problem, Thresholds, compare, quantities
+from personamath.same_problem import Problem, Thresholds, compare, quantities, same_answer
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the model comes from the package's files, never from a hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -29,10 +29,10 @@ GSM8K_TEST = load_any(DATA / "gsm8k" / "test.jsonl")[1]
 JANET = GSM8K_TEST[0].question  # 16 eggs, 3 for breakfast, 4 for muffins, $2 each
 
 
-def row(row_id, problem, response="Solution. The answer is 7.", source="gsm8k"):
+def row(row_id, problem, gold="7", source="gsm8k"):
     return {"id": row_id, "parent_id": None, "source": source, "stage": "cot", "problem": problem,
-            "response": response, "gold": "7", "persona": None, "persona_id": None, "model": "test-model",
-            "prompt_version": "solve-v1"}
+            "response": f"Solution. The answer is $\\boxed{{{gold}}}$.", "gold": gold, "persona": None,
+            "persona_id": None, "model": "test-model", "prompt_version": "solve-v1"}
 
 
 def same(row_text: str, test_text: str) -> bool:
@@ -130,19 +130,18 @@ def build(tmp_path, rows, *flags):
 def genuine_rows(step: int = 75) -> list[dict]:
     """GSM8K and MATH train problems spread over the files: training data by the benchmarks' own split."""
     rows = []
-    for name, source, key in (("gsm8k/train.jsonl", "gsm8k", "question"), ("math/MATH_train.jsonl", "math",
-                                                                              "problem")):
-        records = read_jsonl(DATA / name)
-        rows += [row(f"{source}/train:{i}", records[i][key], source=source) for i in range(0, len(records), step)]
+    for name, source in (("gsm8k/train.jsonl", "gsm8k"), ("math/MATH_train.jsonl", "math")):
+        rows += [row(f"{source}/train:{p.id}", p.question, p.gold, source) for p in load_any(DATA / name)[1][::step]]
     return rows
 
 
 def test_labelled_cases_through_the_cli(tmp_path):
-    """Every hand-labelled case and 200 train problems through build_dataset.py with the defaults: the
+    """Every hand-labelled case (with its hand-computed gold) and 200 train problems (with theirs) through
+    build_dataset.py with the defaults: the
     rewrites of test items go with their own test item named, verbatim wrappings all go, new problems and
     train problems stay, and every removal and kept sibling says why. The shares asserted are the ones
     bench/bench_decontamination.py measures, a little under (a regression fails here)."""
-    rows = [row(c["case"], c["problem"], source=c["test_file"].split("/")[0]) for c in CASES] + genuine_rows()
+    rows = [row(c["case"], c["problem"], c["gold"], c["test_file"].split("/")[0]) for c in CASES] + genuine_rows()
     write_jsonl(tmp_path / "cot.jsonl", rows)
     out = tmp_path / "out"
     result = run_here("build_dataset.py", "--inputs", tmp_path / "cot.jsonl", "--output_dir", out,
@@ -160,10 +159,10 @@ def test_labelled_cases_through_the_cli(tmp_path):
     assert sum(own_item) >= 0.95 * len(own_item)  # MATH test holds a few near-copies of its own items
     assert all(by_kind["wrapped"])
     assert not any(by_kind["new"])
-    assert sum(by_kind["paraphrase"]) >= 0.85 * len(by_kind["paraphrase"])
-    assert sum(by_kind["sibling"]) <= 0.35 * len(by_kind["sibling"])
+    assert sum(by_kind["paraphrase"]) >= 0.95 * len(by_kind["paraphrase"])
+    assert sum(by_kind["sibling"]) <= 0.05 * len(by_kind["sibling"])
     genuine_removed = [i for i in removed if "/train:" in i]
-    assert len(genuine_removed) <= 0.03 * len(genuine_rows())
+    assert len(genuine_removed) <= 0.01 * len(genuine_rows())
 
     siblings = read_jsonl(out / "siblings_kept.jsonl")
     assert siblings and all(s["label"] == "sibling" and s["reason"] and s["test_id"] for s in siblings)
@@ -174,6 +173,35 @@ def test_labelled_cases_through_the_cli(tmp_path):
     markdown = (out / "stats.md").read_text()
     assert f"Removed (same problem only): {len(removed)} rows. Siblings kept: {len(siblings)} rows" in markdown
     assert "| row problem | test item | reason |" in markdown
+
+
+def test_answers_decide_where_known(tmp_path):
+    """A rewrite answered otherwise leaks nothing: kept as a sibling, saying so; a verbatim copy is the
+    test item's question whatever its gold; without golds, or with --answers ignore, the texts decide."""
+    rewrite = ("How much does Janet make daily at the market? Her ducks lay 16 eggs a day, she eats 3 for "
+               "breakfast and bakes muffins with 4, selling the remainder for $2 per fresh duck egg.")
+    other_words = ("Every day sixteen eggs come from Janet's ducks. Breakfast takes three of them and the muffins "
+                   "for her friends four. The rest go to the farmers' market at $2 apiece: what does she earn?")
+    no_gold = ("A farm-stand question from a retired teacher: sixteen duck eggs daily, three eaten at breakfast, "
+               "four baked into muffins, and every remaining egg sold for $2. Her market income per day?")
+    rows = [row("rewrite-right", rewrite, "18"), row("rewrite-wrong", other_words, "26"),
+            row("copy-wrong", f"As a farmer: {JANET}", "26"), row("rewrite-no-gold", no_gold, "")]
+    assert build(tmp_path, rows)[0] == 0
+    removed = {r["id"]: r["contamination"] for r in read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl")}
+    assert set(removed) == {"rewrite-right", "copy-wrong", "rewrite-no-gold"}
+    [kept] = read_jsonl(tmp_path / "out" / "siblings_kept.jsonl")
+    assert (kept["id"], kept["test_id"], kept["reason"]) == ("rewrite-wrong", "test:1",
+                                                              "the answers differ (row 26, test item 18)")
+    assert build(tmp_path, rows, "--answers", "ignore")[0] == 1  # every row goes: nothing kept
+    assert len(read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl")) == 4
+
+
+@pytest.mark.parametrize("a,b,agree", [("18", "18.00", True), ("1,000", "1000", True), ("\\frac12", "\\dfrac{1}{2}", True),
+                                       ("5\\text{ cm}", "5", True),
+                                       ("18", "19", False), ("\\frac{1}{2}", "\\frac{1}{3}", False),
+                                       ("", "7", None), (None, "7", None)])
+def test_same_answer(a, b, agree):
+    assert same_answer(a, b) is agree
 
 
 # ----------------------------------------------------------------------------- the judge
@@ -328,7 +356,7 @@ def test_computed_embeddings_are_cached(tmp_path):
 
 
 def test_embedding_retrieval_adds_candidates(tmp_path):
-    rows = [row("janet", f"As a nurse: {JANET}")]
+    rows = [row("janet", f"As a nurse: {JANET}", "18")]
     assert build(tmp_path, rows, "--embedding_retrieval", "--top_k", "2",
                  "--embedding_cache_dir", str(tmp_path / "cache"))[0] == 1  # the only row goes: nothing kept
     [removed] = read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl")
