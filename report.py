@@ -205,9 +205,13 @@ def write_report(run_dir: Path) -> str:
         lines += ["## Generation yields", "", *ytable, ""]
         dataset_stats = run_dir / "dataset/stats.json"
         if dataset_stats.exists():
-            kept = json.loads(dataset_stats.read_text())["kept"]
+            dataset = json.loads(dataset_stats.read_text())
+            kept, decontamination = dataset["kept"], dataset["decontamination"]
             lines += [f"PersonaMathQA rows after deduplication and decontamination: **{kept['total']}** "
-                      f"(by stage: {kept['by_stage']}; by source: {kept['by_source']}).", ""]
+                      f"(by stage: {kept['by_stage']}; by source: {kept['by_source']}). Decontamination "
+                      f"({decontamination['decided_by']}): {decontamination['removed']} rows removed as the same "
+                      f"problem as a test item, {decontamination['siblings_kept']} siblings kept (see "
+                      f"`dataset/stats.md`).", ""]
         bar_chart(plots / "stage_yields.png", "Yield of each generation stage", [s["stage"] for s in stats],
                   {"yield": [100 * s["yield"] for s in stats]}, "kept / attempted (%)",
                   {"yield": [f"{s['kept']}/{s['attempted']}" for s in stats]})

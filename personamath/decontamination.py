@@ -11,7 +11,7 @@ figure) is kept and reported, unless --contamination_policy sibling asks for the
 2. The decision, for every candidate pair: without a judge (the default), same_problem.py's rule
    compares the mathematics (the quantities, the expressions, what is asked); with --judge llm, an
    LLM asked to label the pair same, sibling or different, its answers cached, paced, batched with
-   --judge_batch and capped by --judge_max_cost like every other request.
+   --judge_args --batch and capped by --judge_max_cost like every other request.
 3. A pair not the same is a sibling when their lexical cosine reaches --sibling_similarity (or the
    judge said so); the row's best sibling is reported in siblings_kept.jsonl.
 The thresholds were measured on hand-labelled cases: bench/bench_decontamination.py.
@@ -19,6 +19,7 @@ The thresholds were measured on hand-labelled cases: bench/bench_decontamination
 import argparse
 import asyncio
 import re
+import shlex
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,8 +86,9 @@ def add_decontamination_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge_max_cost", type=float, default=None,
                    help="hard cap in USD on the judge's requests; at the cap nothing is written (exit 3) and a rerun "
                         "with a higher cap pays nothing twice")
-    g.add_argument("--judge_concurrency", type=int, default=32)
-    g.add_argument("--judge_batch", action="store_true", help="send the judge's requests through the Batch API")
+    g.add_argument("--judge_args", default="",
+                   help="more flags of the stages' LLM client and batch mode for the judge, one string, e.g. "
+                        "\"--batch --concurrency 64\" (see gen_cot.py --help)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -146,15 +148,17 @@ def candidates(rows: list[dict], problems: list[Problem], items: list[TestItem],
 
 def judge_client(args: argparse.Namespace, output_dir: Path):
     """The stages' LLM client for the judge: deterministic short answers, cached beside the outputs,
-    paced, capped by --judge_max_cost, batched with --judge_batch."""
+    paced, capped by --judge_max_cost, batched with --judge_args --batch."""
     p = argparse.ArgumentParser()
     add_llm_args(p)
     batch.add_batch_args(p)
     argv = ["--model", args.judge_model, "--temperature", "0", "--max_tokens", "64",
-            "--concurrency", str(args.judge_concurrency), "--cache", str(Path(output_dir) / "judge_cache.sqlite")]
+            "--cache", str(Path(output_dir) / "judge_cache.sqlite")]
     argv += ["--max_cost", str(args.judge_max_cost)] if args.judge_max_cost is not None else []
-    argv += ["--batch"] if args.judge_batch else []
-    llm_args = p.parse_args(argv)
+    try:
+        llm_args = p.parse_args([*argv, *shlex.split(args.judge_args)])
+    except SystemExit:
+        raise UserError(f"--judge_args {args.judge_args!r}: not flags of the LLM client (see gen_cot.py --help)")
     llm_args.base_url = args.judge_base_url
     return pipeline.make_client(llm_args, output_dir), llm_args
 

@@ -23,8 +23,8 @@ The rule compares the mathematics of the pair, in this order (the first that fai
    the test item word for word: then it is its question, whatever answer it was given);
 6. the setting: enough of the test item's words are in the row, more when it has few quantities and
    formulas (two numbers in common are a coincidence, not a rewrite). An agreeing answer counts as
-   a formula, and with the test item's quantities and formulas found no share of words is asked;
-   step 3 then allows persona numbers freely.
+   a formula, and with it and many quantities and formulas found (6: quantities plus twice the
+   formulas) no share of words is asked; step 3 then allows persona numbers freely.
 The thresholds are measured on the hand-labelled cases of bench/decontamination/ (see
 bench/bench_decontamination.py --sweep).
 """
@@ -69,6 +69,8 @@ FORMULA_SYMBOLS = 3  # an expression this long is a formula (`x` or `$D$` is a n
 STRONG_EVIDENCE = 3
 SETTING_STEP = 0.15
 FEW_WORDS = 4
+ANSWER_NOTE = {True: "; the answers agree", None: "",
+               False: "; the answers differ, but the row copies the test item word for word"}
 # Two prose words: a `$` that opens a price ("$80,000 and then puts in $50,000"), not mathematics.
 PROSE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}\s+[a-zA-Z]{2,}\b")
 # A clause: where a persona's aside ("I've been a carpenter for 30 years") ends and the problem goes on.
@@ -329,10 +331,8 @@ def compare(row: Problem, test: Problem, thresholds: Thresholds) -> Verdict:
     formulas = sum(symbols(e) >= FORMULA_SYMBOLS for e in test.expressions)
     evidence = len(test.quantities) + 2 * formulas
     overlap = word_overlap(row, test)
-    if answers:  # the answer agreeing is evidence too: as much as a formula
-        evidence += 2
-    needed = thresholds.setting_overlap + SETTING_STEP * max(0, STRONG_EVIDENCE - evidence)
-    if answers and evidence >= STRONG_EVIDENCE + 2:  # the mathematics and the answer: the words may all be new
+    needed = thresholds.setting_overlap + SETTING_STEP * max(0, STRONG_EVIDENCE - evidence - 2 * bool(answers))
+    if answers and evidence >= 2 * STRONG_EVIDENCE:  # much mathematics and the answer: the words may all be new
         needed = 0.0
     # A problem of a few prose words and a formula ("Solve for $x$: ...") is its mathematics: rewording it
     # may keep none of the words.
@@ -342,7 +342,7 @@ def compare(row: Problem, test: Problem, thresholds: Thresholds) -> Verdict:
                               f"with {evidence} quantities and expressions)")
     return Verdict(True, f"every quantity of the test item ({', '.join(show(q) for q in test.quantities) or 'none'})"
                          f" and expression ({len(test.expressions)}) is in the row, which adds none; "
-                         f"{overlap:.0%} of its words")
+                         f"{overlap:.0%} of its words" + ANSWER_NOTE[answers])
 
 
 def _asks_another(row: Problem, test: Problem) -> str | None:

@@ -87,7 +87,10 @@ class _Template:
         return [line.strip() for fixed in self.parts[::2] for line in fixed.splitlines() if line.strip()]
 
     def field(self, message: str, name: str) -> str | None:
-        """What the placeholder `name` was filled with: the text between the fixed parts around it."""
+        """What the placeholder `name` was filled with: the text between the fixed parts around it (None
+        when the template has no such placeholder or the message does not follow it)."""
+        if name not in self.parts[1::2]:
+            return None
         i = self.parts.index(name)
         before, after = self.parts[i - 1], self.parts[i + 1]
         start = message.find(before)

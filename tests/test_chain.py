@@ -90,7 +90,7 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     dataset = json.loads((run / "dataset/stats.json").read_text())
     kept_rows = sum(count(gen / f"{n}.jsonl") for n in ("cot", "persona", "reflection", "reflection_persona"))
     assert dataset["rows_read"]["total"] == kept_rows
-    judge = dataset["decontamination"]["judge"]  # the chain's LLM judged the paraphrase candidates
+    judge = dataset["decontamination"]["judge"]  # the chain's LLM judged every candidate pair
     assert (judge["model"], judge["base_url"], dataset["settings"]["judge"]) == ("fake-llm", server.url, "llm")
     assert dataset["kept"]["total"] == count(run / "dataset/PersonaMathQA.jsonl") > 0
     assert json.loads((run / "train/train_data_stats.json").read_text())["examples"] == dataset["kept"]["total"]
@@ -104,6 +104,9 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     assert json.loads((run / f"eval/{trained}/math/summary.json").read_text())["model"] == str(run / "train")
     report = (run / "report.md").read_text()
     assert f"| {base} |" in report and f"| {trained} |" in report and f"| cot | {N_GSM8K + N_MATH} |" in report
+    decontaminated = dataset["decontamination"]
+    assert (f"Decontamination (judge): {decontaminated['removed']} rows removed as the same problem as a test item, "
+            f"{decontaminated['siblings_kept']} siblings kept") in report
     for plot in ("math_by_level", "math_by_subject", "stage_yields"):
         assert (run / f"plots/{plot}.png").stat().st_size > 1000
     assert "[chain] finished" in result.stdout and "| model | GSM8K paper (ours) |" in result.stdout

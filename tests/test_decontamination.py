@@ -288,6 +288,38 @@ def test_judge_decides_every_candidate_pair(tmp_path, judge_server):
     assert not (capped / "out" / "PersonaMathQA.jsonl").exists()
 
 
+def test_judge_in_batch_mode_answers_every_pair_once(tmp_path):
+    """--judge_args --batch: every candidate pair goes through the Batch API (a fake of it over real HTTP,
+    losing and failing lines the first time), each answered exactly once; a rerun sends nothing."""
+    from fake_batch_server import FakeBatchConfig, start_in_thread
+    from fake_server import FakeServerConfig
+
+    rows = [row("wrapped", f"As a nurse: {JANET}", "18"), row("sibling", JANET.replace("16", "18"), "20"),
+            *genuine_rows(step=1500)]
+    flags = ("--judge", "llm", "--judge_model", "gpt-4o-mini", "--top_k", "3", "--judge_max_cost", "1",
+             "--judge_args", "--batch --batch_poll_interval 0.1 --batch_max_rounds 4")
+    with start_in_thread(FakeServerConfig(), FakeBatchConfig(lost=0.2, failed_lines=0.2)) as server:
+        assert build(tmp_path, rows, *flags, "--judge_base_url", server.url)[0] == 0
+        stats = server.stats()
+        decontamination_stats = json.loads((tmp_path / "out" / "stats.json").read_text())["decontamination"]
+        pairs = decontamination_stats["retrieval"]["pairs"]
+        assert len(stats["answered"]) == pairs and set(stats["answered"].values()) == {1}
+        assert stats["online_requests"] == 0 and stats["lost"] and stats["failed"]
+        assert decontamination_stats["judge"]["batch"]
+        removed = {r["id"] for r in read_jsonl(tmp_path / "out" / "removed_contaminated.jsonl")}
+        assert removed == {"wrapped"}
+        assert build(tmp_path, rows, *flags, "--judge_base_url", server.url)[0] == 0
+        assert server.stats()["uploads"] == stats["uploads"]  # all from the cache
+
+
+def test_bad_judge_args(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build(tmp_path, [row("a", JANET)], "--judge", "llm", "--judge_args", "--no_such_flag 3")
+    assert exit_info.value.code == 2
+    assert "--judge_args '--no_such_flag 3': not flags of the LLM client" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("answer,verdict", [("VERDICT: same", "same"), ("verdict: Different.", "different"),
                                             ("**VERDICT:** sibling", "sibling"), ("They look alike.", "unparseable"),
                                             ("VERDICT: same\nVERDICT: different", "different")])
