@@ -3,8 +3,10 @@
     deepspeed train.py --model_name_or_path MODEL --data_path PersonaMathQA.jsonl --output_dir OUT \
         --deepspeed configs/ds_zero2.json --bf16 True
 
-Paper defaults: the authors' Alpaca no-input prompt, prompt tokens masked, EOS appended, lr 2e-5,
-3 epochs, cosine schedule, warmup 3%, weight decay 0. The authors' flags all work, including
+Paper defaults, defined here only (the launch scripts pass on what they are given): the authors' Alpaca
+no-input prompt, prompt tokens masked, EOS appended, lr 2e-5, 3 epochs (the Trainer's default, as are
+seed 42 and no evaluation), cosine schedule, warmup 3%, weight decay 0, 1 example x 4 accumulation per
+device; a checkpoint every 1000 steps, the last 2 kept; the loss logged every step. The authors' flags all work, including
 --data_length, --warmup_ratio, --evaluation_strategy and --group_by_length. run_zero2.sh and
 run_zero3.sh launch it on GPUs, several nodes, or the CPU.
 """
@@ -54,10 +56,16 @@ class TrainingArguments(transformers.TrainingArguments):
     cache_dir: str | None = field(default=None, metadata={"help": "where tokenized data is cached "
                                                                    "(default: the datasets cache)"})
     model_max_length: int = field(default=4096, metadata={"help": "longer examples are truncated (and counted)"})
+    # The authors' run_zero2.sh: 1 x 4 accumulation (x 4 GPUs = 16 a step).
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
     learning_rate: float = 2e-5
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.03
     weight_decay: float = 0.0
+    save_steps: float = 1000
+    save_total_limit: int | None = 2
+    logging_steps: float = 1
     warmup_ratio: float | None = field(default=None, metadata={"help": "older name of a warmup_steps below 1"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "older name of eval_strategy"})
     group_by_length: bool = field(default=False, metadata={"help": "batch examples of similar length "

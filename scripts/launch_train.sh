@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Launch train.py with the `deepspeed` launcher and the paper's defaults. run_zero2.sh and run_zero3.sh
-# call this with their DeepSpeed config; every knob is an environment variable, and arguments given
-# to those scripts are passed on to train.py (where they override the defaults below).
+# Launch train.py with the `deepspeed` launcher. run_zero2.sh and run_zero3.sh call this with their
+# DeepSpeed config. The training settings and their defaults are train.py's alone: each knob below is
+# passed on as its train.py flag only when it is set, and arguments given to the run_zero scripts go on
+# to train.py too. What stays here: the DeepSpeed config, the launcher's GPUs/hosts/port, the precision.
 #
 # On GPUs it trains in bf16 (fp16 where the GPU has no bf16); without a GPU it runs in fp32 on
 # DeepSpeed's CPU accelerator over gloo, each rank with its share of the cores.
@@ -16,21 +17,6 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs/train/$(basename "$MODEL_PATH")-$(basename "$DS_CO
 MASTER_PORT=${MASTER_PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-}            # several nodes: the first node's address (default: the hostfile's first)
 HOSTFILE=${HOSTFILE:-}                  # several nodes: a DeepSpeed hostfile ("host slots=8" per line)
-PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-1}  # the authors': 1 x 4 accumulation x 4 GPUs = 16
-GRAD_ACCUM=${GRAD_ACCUM:-4}
-EPOCHS=${EPOCHS:-3}
-LR=${LR:-2e-5}
-WARMUP=${WARMUP:-0.03}
-SCHEDULER=${SCHEDULER:-cosine}
-WEIGHT_DECAY=${WEIGHT_DECAY:-0}
-MAX_LENGTH=${MAX_LENGTH:-4096}
-PROMPT_TEMPLATE=${PROMPT_TEMPLATE:-alpaca}
-PACKING=${PACKING:-True}                # padding-free batches; the same examples per step either way
-GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-False}
-SAVE_STEPS=${SAVE_STEPS:-1000}
-SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}
-LOGGING_STEPS=${LOGGING_STEPS:-1}
-SEED=${SEED:-42}
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 
 PRECISION=${PRECISION:-auto}           # auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU
@@ -63,6 +49,17 @@ else
     launcher+=(--num_gpus "${NUM_GPUS:-$GPUS}")
 fi
 
+# Each training knob that is set, as its train.py flag (unset: train.py's default).
+settings=()
+for knob in PER_DEVICE_BATCH_SIZE:per_device_train_batch_size GRAD_ACCUM:gradient_accumulation_steps \
+            EPOCHS:num_train_epochs LR:learning_rate WARMUP:warmup_steps SCHEDULER:lr_scheduler_type \
+            WEIGHT_DECAY:weight_decay MAX_LENGTH:model_max_length PROMPT_TEMPLATE:prompt_template PACKING:packing \
+            GRADIENT_CHECKPOINTING:gradient_checkpointing SAVE_STEPS:save_steps SAVE_TOTAL_LIMIT:save_total_limit \
+            LOGGING_STEPS:logging_steps SEED:seed; do
+    name=${knob%%:*}
+    [ -n "${!name:-}" ] && settings+=("--${knob#*:}" "${!name}")
+done
+
 # shellcheck disable=SC2086  # DATA_PATH may name several files
 exec "$DEEPSPEED" "${launcher[@]}" train.py \
     --model_name_or_path "$MODEL_PATH" \
@@ -70,22 +67,5 @@ exec "$DEEPSPEED" "${launcher[@]}" train.py \
     --output_dir "$OUTPUT_DIR" \
     --deepspeed "$DS_CONFIG" \
     "${precision[@]}" \
-    --prompt_template "$PROMPT_TEMPLATE" \
-    --packing "$PACKING" \
-    --model_max_length "$MAX_LENGTH" \
-    --num_train_epochs "$EPOCHS" \
-    --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE" \
-    --gradient_accumulation_steps "$GRAD_ACCUM" \
-    --learning_rate "$LR" \
-    --warmup_steps "$WARMUP" \
-    --lr_scheduler_type "$SCHEDULER" \
-    --weight_decay "$WEIGHT_DECAY" \
-    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
-    --eval_strategy no \
-    --save_strategy steps \
-    --save_steps "$SAVE_STEPS" \
-    --save_total_limit "$SAVE_TOTAL_LIMIT" \
-    --logging_steps "$LOGGING_STEPS" \
-    --seed "$SEED" \
-    --report_to none \
+    "${settings[@]}" \
     "$@"

@@ -266,3 +266,52 @@ def test_embedded_model_trains_under_zero2(tmp_path, embedded_model, train_file)
            "--save_strategy", "no", "--learning_rate", "1e-4")
     assert len(losses(out)) == 3
     assert not torch.equal(logits(out), logits(embedded_model))
+
+
+def launched_arguments(tmp_path, zero: int, env: dict, *extra: str) -> list[str]:
+    """What run_zero{2,3}.sh hands train.py: a stand-in `deepspeed` records its arguments."""
+    recorder = tmp_path / "deepspeed"
+    recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "argv"}\n')
+    recorder.chmod(0o755)
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "MODEL_PATH": "m",
+            "DATA_PATH": "d.jsonl", "OUTPUT_DIR": str(tmp_path / "out"), "DEEPSPEED": str(recorder)}
+    subprocess.run(["bash", f"run_zero{zero}.sh", *extra], cwd=ROOT, env={**base, **env}, check=True, timeout=60)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    return argv[argv.index("train.py") + 1:]
+
+
+def parsed(argv: list[str]):
+    """train.py's three argument dataclasses as dicts, the DeepSpeed config left out (the launcher's own:
+    parsing it here would set up DeepSpeed in the test process)."""
+    import train
+    from transformers import HfArgumentParser
+
+    if "--deepspeed" in argv:
+        i = argv.index("--deepspeed")
+        argv = argv[:i] + argv[i + 2:]
+    parser = HfArgumentParser((train.ModelArguments, train.DataArguments, train.TrainingArguments))
+    # distributed_state: a process-state object, made anew by each parse
+    return [{k: v for k, v in vars(a).items() if k != "distributed_state"}
+            for a in parser.parse_args_into_dataclasses(args=argv)]
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_launch_scripts_hold_no_training_default(tmp_path, zero):
+    """Every training setting is train.py's: run_zero{2,3}.sh with no knob set hands train.py no training
+    flag, so `bash run_zero2.sh` and `python train.py` with the same arguments train alike; a knob set is
+    passed on as its flag, and arguments after the script come last (they win)."""
+    argv = launched_arguments(tmp_path, zero, {}, "--seed", "7")
+    assert argv == ["--model_name_or_path", "m", "--data_path", "d.jsonl", "--output_dir", str(tmp_path / "out"),
+                    "--deepspeed", f"configs/ds_zero{zero}.json", "--seed", "7"]  # fp32 on the CPU: no flag
+    by_hand = parsed(["--model_name_or_path", "m", "--data_path", "d.jsonl", "--output_dir", str(tmp_path / "out"),
+                      "--seed", "7"])
+    assert parsed(argv) == by_hand
+    assert by_hand[2]["learning_rate"] == 2e-5 and by_hand[2]["gradient_accumulation_steps"] == 4
+    knobs = {"LR": ("--learning_rate", "1e-4"), "PACKING": ("--packing", "True"), "SEED": ("--seed", "3"),
+             "GRAD_ACCUM": ("--gradient_accumulation_steps", "2"), "MAX_LENGTH": ("--model_max_length", "512")}
+    argv = launched_arguments(tmp_path, zero, {k: v for k, (_, v) in knobs.items()}, "--seed", "9")
+    for flag, value in knobs.values():
+        assert argv[argv.index(flag) + 1] == value
+    assert parsed(argv)[2]["seed"] == 9 and parsed(argv)[1]["packing"] is True
+    launchers = [(ROOT / name).read_text() for name in ("scripts/launch_train.sh", "run_zero2.sh", "run_zero3.sh")]
+    assert not any(f"${{{knob}:-" in text for knob in knobs for text in launchers)
