@@ -60,8 +60,10 @@ for knob in PER_DEVICE_BATCH_SIZE:per_device_train_batch_size GRAD_ACCUM:gradien
     [ -n "${!name:-}" ] && settings+=("--${knob#*:}" "${!name}")
 done
 
+# DeepSpeed's CPU allreduce leaves a shared-memory buffer per rank, named with the port: removed at the end.
+trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$MASTER_PORT"_*' EXIT
 # shellcheck disable=SC2086  # DATA_PATH may name several files
-exec "$DEEPSPEED" "${launcher[@]}" train.py \
+"$DEEPSPEED" "${launcher[@]}" train.py \
     --model_name_or_path "$MODEL_PATH" \
     --data_path $DATA_PATH \
     --output_dir "$OUTPUT_DIR" \

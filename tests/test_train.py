@@ -171,6 +171,7 @@ def launch(zero: int, ranks: int, model, data, out: Path, *extra: str, timeout: 
     result = subprocess.run(["bash", f"run_zero{zero}.sh", *extra], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))  # cleaned up
     return result
 
 
