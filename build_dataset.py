@@ -1,7 +1,6 @@
 """Merge the generation stages' outputs into PersonaMathQA, the training set.
 
-    python build_dataset.py --inputs runs/gen/cot.jsonl runs/gen/persona.jsonl runs/gen/reflection.jsonl \
-        runs/gen/reflection_persona.jsonl --output_dir runs/dataset
+    python build_dataset.py          # runs/gen/{cot,persona,reflection,reflection_persona}.jsonl -> runs/dataset
 
 Removes exact and near duplicates and problems that overlap the GSM8K/MATH test sets, shuffles, and
 writes PersonaMathQA.jsonl, the removed rows with the reason, stats.json and stats.md.

@@ -14,19 +14,21 @@ import sys
 from pathlib import Path
 
 from personamath.data import load_any
+from personamath.config import write_settings_used
 from personamath.errors import exit_on_user_error
-from personamath.pipeline import (SOLVE, AsyncGrader, Outcome, make_client, print_estimate, run_items, solve,
-                                  solve_messages, stage_parser, write_stage)
+from personamath.async_grading import AsyncGrader
+from personamath.stage import Outcome, make_client, print_estimate, run_items, stage_parser, write_stage
+from personamath.steps import SOLVE, solve, solve_messages
 
 DEFAULT_INPUTS = ["data/gsm8k/train.jsonl", "data/math/MATH_train.jsonl"]
 
 
-def parse_args(argv=None):
-    p = stage_parser(__doc__.splitlines()[0])
+def build_parser():
+    p = stage_parser("gen_cot", __doc__.splitlines()[0])
     p.add_argument("--inputs", nargs="+", default=DEFAULT_INPUTS,
                    help="GSM8K/MATH JSONL files (format detected per file) or `datasets` names NAME[:CONFIG]:SPLIT")
     p.add_argument("--num_samples", type=int, default=1, help="attempts per question before it goes to reflection")
-    return p.parse_args(argv)
+    return p
 
 
 def load_questions(inputs, limit):
@@ -53,14 +55,17 @@ async def solve_question(llm, grader, source, problem, num_samples):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     questions = load_questions(args.inputs, args.limit)
     llm = make_client(args, output_dir)
+    write_settings_used(output_dir, parser.settings_used(args))
     if args.dry_run:
-        first = [(solve_messages(p.question), 0) for _, p in questions]
-        print_estimate("gen_cot", llm, first, note=f"; at most {args.num_samples}x that with --num_samples "
-                                                   f"{args.num_samples} (later attempts only for wrong answers)")
+        attempts = [(solve_messages(p.question), attempt) for _, p in questions for attempt in range(args.num_samples)]
+        print_estimate("gen_cot", llm, attempts, output_dir,
+                       note=f" ({args.num_samples} attempts per question at most: one after another only while "
+                            f"they are wrong)" if args.num_samples > 1 else "")
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:

@@ -14,47 +14,30 @@ import asyncio
 import sys
 from pathlib import Path
 
+from personamath.config import write_settings_used
 from personamath.errors import exit_on_user_error
 from personamath.personas import add_persona_args, persona_pool
-from personamath.pipeline import (REWRITE, SOLVE, AsyncGrader, make_client, persona_variants, print_estimate,
-                                  propose_messages, read_stage_rows, rewrite_messages, run_items, solve_messages,
-                                  stage_parser, write_stage)
+from personamath.async_grading import AsyncGrader
+from personamath.stage import make_client, print_estimate, read_stage_rows, run_items, stage_parser, write_stage
+from personamath.steps import REWRITE, SOLVE, persona_requests, persona_variants
 
-# --dry_run's stand-in for a persona the LLM has not proposed yet: about the length of a real one.
-PLACEHOLDER_PERSONA = "I am a person who works with quantities like these every day and asks about them. " * 2
-
-
-def parse_args(argv=None):
-    p = stage_parser(__doc__.splitlines()[0])
+def build_parser():
+    p = stage_parser("persona_augment", __doc__.splitlines()[0])
     p.add_argument("--input", default=None, help="stage-1 output (default: OUTPUT_DIR/cot.jsonl)")
     add_persona_args(p, k_help="K1: personas (rewrites) per question")
-    return p.parse_args(argv)
-
-
-def dry_run_requests(rows, pool, args) -> list:
-    from personamath.personas import choose
-
-    requests = []
-    for row in rows:
-        if pool is None:
-            requests.append((propose_messages(row["problem"], args.k), 0))
-            texts = [PLACEHOLDER_PERSONA] * args.k
-        else:
-            texts = [p.text for p in choose(pool, row["id"], args.k, args.persona_seed)]
-        for text in texts:
-            requests.append((rewrite_messages(row["problem"], text), 0))
-            requests.append((solve_messages(f"{text} {row['problem']}"), 0))  # the rewrite is not known yet
-    return requests
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     rows = read_stage_rows(args.input or output_dir / "cot.jsonl")[:args.limit]
     pool = persona_pool(args)
     llm = make_client(args, output_dir)
+    write_settings_used(output_dir, parser.settings_used(args))
     if args.dry_run:
-        print_estimate("persona_augment", llm, dry_run_requests(rows, pool, args),
+        print_estimate("persona_augment", llm, persona_requests(rows, pool, args.k, args.persona_seed), output_dir,
                        note=" (solve requests estimated from the original question)")
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)

@@ -18,21 +18,23 @@ import asyncio
 import sys
 from pathlib import Path
 
+from personamath.config import write_settings_used
 from personamath.errors import UserError, exit_on_user_error
 from personamath.personas import add_persona_args, persona_pool
-from personamath.pipeline import (REFLECT, REWRITE, SOLVE, AsyncGrader, GradingTally, Outcome, fresh_ledger,
-                                  make_client, persona_variants, print_estimate, read_stage_rows, reflect,
-                                  reflect_messages, run_items, stage_parser, write_stage)
+from personamath.async_grading import AsyncGrader, GradingTally
+from personamath.stage import (Outcome, fresh_ledger, make_client, print_estimate, read_stage_rows, run_items,
+                               stage_parser, write_stage)
+from personamath.steps import REFLECT, REWRITE, SOLVE, persona_requests, persona_variants, reflect, reflect_messages
 
 
-def parse_args(argv=None):
-    p = stage_parser(__doc__.splitlines()[0])
+def build_parser():
+    p = stage_parser("reflection", __doc__.splitlines()[0])
     p.add_argument("--input", default=None, help="stage-1 failures (default: OUTPUT_DIR/cot_failed.jsonl)")
     p.add_argument("--format", choices=["solution", "reflection"], default="solution",
                    help="what a reflected row's response holds: the corrected solution (default), or the reflection "
                         "and the corrected solution, with the wrong attempt kept in the row for the training prompt")
     add_persona_args(p, k_help="K2: personas (rewrites) per corrected question")
-    return p.parse_args(argv)
+    return p
 
 
 def reflected_response(reflection: str, solution: str, wrong: str, fmt: str) -> tuple[str, str | None]:
@@ -66,7 +68,8 @@ async def augment_corrected(llm, grader, row, pool, args) -> Outcome:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     input_path = args.input or output_dir / "cot_failed.jsonl"
     failed = read_stage_rows(input_path)[:args.limit]
@@ -75,10 +78,15 @@ def main(argv=None) -> int:
             raise UserError(f"{input_path}: row {row['id']} has no wrong attempts to reflect on")
     pool = persona_pool(args)
     llm = make_client(args, output_dir)
+    write_settings_used(output_dir, parser.settings_used(args))
     if args.dry_run:
+        # Phase 2 as if every question were corrected and every rewrite first solved wrong: at most.
+        wrong = max((r["attempts"][-1]["response"] for r in failed), key=len, default="")
         print_estimate("reflection", llm, [(reflect_messages(r["problem"], r["attempts"][-1]["response"]), 0)
-                                           for r in failed],
-                       note=f"; then, for each corrected question, {args.k} x (rewrite + solve [+ reflect])")
+                                           for r in failed] + persona_requests(failed, pool, args.k,
+                                                                               args.persona_seed, wrong),
+                       output_dir, note=f" (phase 1's reflections, and phase 2 as if every question were corrected: "
+                                        f"{args.k} x rewrite + solve + reflect each)")
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:

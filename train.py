@@ -20,6 +20,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 from personamath import sft
+from personamath.config import RecipeMixin, write_settings_used
 from personamath.errors import UserError, exit_on_user_error
 from personamath.jsonl import write_json
 from personamath.provenance import provenance
@@ -28,18 +29,22 @@ logger = logging.getLogger("train")
 # Attention implementations that keep packed examples apart given position_ids (transformers
 # builds a block-diagonal mask from them, or passes sequence boundaries to flash attention).
 PACKING_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
+DEFAULT_DATA = "runs/dataset/PersonaMathQA.jsonl"
+DEFAULT_OUTPUT_DIR = "runs/train"
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "HF model folder or hub name"})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "HF model folder or hub name (default: the embedded SmolLM2-135M-Instruct, converted on first use)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2, ..."})
 
 
 @dataclass
 class DataArguments:
-    data_path: list[str] = field(metadata={"help": "PersonaMathQA JSONL/JSON files or datasets names "
-                                                   "NAME[:CONFIG]:SPLIT, mixed in the order given"})
+    data_path: list[str] = field(default_factory=lambda: [DEFAULT_DATA], metadata={
+        "help": f"PersonaMathQA JSONL/JSON files or datasets names NAME[:CONFIG]:SPLIT, mixed in the order given "
+                f"(default: {DEFAULT_DATA}, build_dataset.py's output)"})
     data_length: int | None = field(default=None, metadata={"help": "train on this many rows, drawn at "
                                                                     "random with --seed (all by default)"})
     prompt_template: str = field(default="alpaca", metadata={"help": "alpaca (the authors') or chat "
@@ -53,6 +58,7 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     """TrainingArguments with the paper's defaults and the authors' extra and older flags."""
+    output_dir: str = DEFAULT_OUTPUT_DIR
     cache_dir: str | None = field(default=None, metadata={"help": "where tokenized data is cached "
                                                                    "(default: the datasets cache)"})
     model_max_length: int = field(default=4096, metadata={"help": "longer examples are truncated (and counted)"})
@@ -146,9 +152,31 @@ def collator(tokenizer, packing: bool, pad_to_multiple_of: int | None):
                                                pad_to_multiple_of=pad_to_multiple_of)
 
 
+class TrainParser(RecipeMixin, HfArgumentParser):
+    """train.py's arguments: the three dataclasses, read from the `train` section of --config, then the flags."""
+
+    def __init__(self):
+        super().__init__((ModelArguments, DataArguments, TrainingArguments), prog="train.py")
+        self.setup_recipe("train")
+
+    def parse(self, argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+        model_args, data_args, training_args, _config = self.parse_args_into_dataclasses(args=argv)
+        if model_args.model_name_or_path is None:
+            from personamath.embedded_model import ensure_embedded_model
+
+            model_args.model_name_or_path = str(ensure_embedded_model())
+        return model_args, data_args, training_args
+
+
+def settings_used(parser: TrainParser, model_args, data_args, training_args) -> dict:
+    """train.py's settings as the Trainer uses them (TrainingArguments.to_dict), and where each came from."""
+    values = {**vars(model_args), **vars(data_args), **training_args.to_dict()}
+    return parser.settings_used({k: v for k, v in values.items() if not k.startswith("_")})
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = TrainParser()
+    model_args, data_args, training_args = parser.parse(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     if data_args.packing and model_args.attn_implementation not in PACKING_ATTENTION:
@@ -172,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         record = provenance()
+        write_settings_used(training_args.output_dir, settings_used(parser, model_args, data_args, training_args))
         write_json(os.path.join(training_args.output_dir, "train_data_stats.json"), {**stats, "provenance": record})
         # trainer_state.json holds the loss curve: it says what produced it too.
         state_file = os.path.join(training_args.output_dir, "trainer_state.json")

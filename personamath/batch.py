@@ -7,6 +7,10 @@ over the same JSONL). Both write and read the Batch JSONL format: one `{"custom_
 it, and custom_id = its response-cache key (llm.ResponseCache.key). So batch and online answers live in
 one cache, and either mode finishes what the other started.
 
+Here: the batch flags (add_batch_args, prepare_args, attach), then the driver, BatchTransport, in the
+order a round goes through it. Its parts: batch_runners.py (the Batch JSONL format, the OpenAI and
+vLLM runners), batch_state.py (the saved state), quiescence.py (FlowTracker), batch_ledger.py (prices).
+
 How a multi-round stage runs in batch mode
 - chat() (llm.py) answers from the cache as always. On a miss it awaits the BatchTransport, which
   parks the request: the task asking (an item's, or one its item gathered) waits on a future.
@@ -39,30 +43,23 @@ How a multi-round stage runs in batch mode
   and nothing after it.
 """
 import asyncio
-import contextvars
-import json
-import os
 import secrets
-import shlex
-import sqlite3
 import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .batch_ledger import BatchLedger, batch_price_of
+from .batch_runners import (MAX_BYTES_PER_FILE, MAX_REQUESTS_PER_FILE, TERMINAL, VLLM_ENDPOINT, OpenAIRunner,
+                            RunnerError, VLLMRunner, batch_line, estimated_tokens, read_result_line, split_files)
+from .batch_state import STATE_FILE, BatchState
 from .errors import UserError
-from .llm import (CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS, PRICES_FILE, RETRIED_STATUS, BudgetExceeded, Ledger,
-                  LLMError, LLMRejected, Reply, cost_of, is_local, parse_reply, prompt_tokens_bound)
+from .llm import BudgetExceeded, LLMError, LLMRejected, Reply, cost_of, prompt_tokens_bound
+from .quiescence import FlowTracker
 
-BATCH_URL = "/v1/chat/completions"
-MAX_REQUESTS_PER_FILE = 50_000  # the Batch API's limits per input file
-MAX_BYTES_PER_FILE = 200 * 1000 * 1000
-TERMINAL = ("completed", "failed", "expired", "cancelled")
-VLLM_ENDPOINT = "vllm://localhost/run_batch"  # the cache identity of --batch_runner vllm's answers
 QUIET_SECONDS = 60.0  # the safety valve: submit what is parked after this long without any change
-STATE_FILE = "batch_state.sqlite"
 
 
 def add_batch_args(parser) -> None:
@@ -111,98 +108,11 @@ def prepare_args(args) -> None:
         raise UserError("--batch_max_rounds, --batch_max_requests and --batch_max_bytes must be at least 1")
 
 
-def batch_price_of(model: str, base_url: str, prices_file=PRICES_FILE) -> dict | None:
-    """USD per million input/output tokens through a batch; None when unknown. A local runner costs nothing."""
-    try:
-        prices = json.loads(Path(prices_file).read_text()).get("batch_models", {})
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"{prices_file}: not a prices file ({e!r}); see {PRICES_FILE} for the format") from None
-    if model in prices:
-        return prices[model]
-    return {"input": 0.0, "output": 0.0} if is_local(base_url) else None
-
-
-@dataclass
-class BatchLedger(Ledger):
-    """The Ledger of a batch-mode run: batch lines at batch prices, the rest (fallback) at online ones.
-    prompt_tokens and completion_tokens count both; the batch_* fields the batch share."""
-    batch_price: dict | None = None
-    batch_lines: int = 0  # lines submitted, resubmissions included (requests counts each request once)
-    batch_prompt_tokens: int = 0
-    batch_completion_tokens: int = 0
-
-    @property
-    def cost(self) -> float | None:
-        online_prompt = self.prompt_tokens - self.batch_prompt_tokens
-        online_completion = self.completion_tokens - self.batch_completion_tokens
-        online = cost_of(self.price, online_prompt, online_completion) if online_prompt or online_completion else 0.0
-        batch = cost_of(self.batch_price, self.batch_prompt_tokens, self.batch_completion_tokens)
-        return None if online is None or batch is None else online + batch
-
-    def as_dict(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k not in ("price", "batch_price")}
-        return {**data, "price_per_million_tokens": self.price, "batch_price_per_million_tokens": self.batch_price,
-                "cost_usd": self.cost}
-
-
-def estimated_tokens(body: dict) -> int:
-    """Input tokens of a request, roughly (what an enqueued-token limit counts)."""
-    return sum(len(m["content"]) // CHARS_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS for m in body["messages"])
-
-
-def batch_line(key: str, body: dict) -> bytes:
-    return (json.dumps({"custom_id": key, "method": "POST", "url": BATCH_URL, "body": body}, ensure_ascii=False)
-            + "\n").encode()
-
-
-def split_files(lines: list[bytes], max_requests: int, max_bytes: int) -> list[list[int]]:
-    """Indices of `lines` in consecutive files of at most max_requests lines and max_bytes bytes."""
-    files, current, size = [], [], 0
-    for i, line in enumerate(lines):
-        if current and (len(current) >= max_requests or size + len(line) > max_bytes):
-            files.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += len(line)
-    return files + [current] if current else files
-
-
-def read_result_line(line) -> tuple[str, Reply | str]:
-    """One line of an output or error file: ("ok", Reply), ("rejected", why) or ("failed", why).
-    Answered means status 200 with a choice that has text, whatever `error` says; a 4xx other than
-    408/409/429 is refused for good (its `error` may be null, the reason in the body); the rest fails."""
-    response = line.get("response") if isinstance(line.get("response"), dict) else {}
-    status, body = response.get("status_code"), response.get("body")
-    if status == 200 and isinstance(body, dict):
-        reply = parse_reply(json.dumps(body))
-        return ("ok", reply) if reply is not None else ("failed", "status 200 without a choice with text")
-    error = line.get("error")
-    if not error and isinstance(body, dict):
-        error = body.get("error")
-    if isinstance(error, dict):
-        error = error.get("message") or error.get("code") or json.dumps(error)
-    message = f"status {status}: {error or 'no error given'}" if status is not None else str(error or "no response")
-    if isinstance(status, int) and 400 <= status < 500 and status not in RETRIED_STATUS:
-        return "rejected", f"HTTP {status}: {error or 'refused'} (in a batch)"
-    return "failed", message
-
-
-def parse_jsonl(text: str) -> tuple[list[dict], int]:
-    """The JSON objects of a result file, and the number of lines that are not one."""
-    lines, broken = [], 0
-    for raw in text.splitlines():
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            broken += 1
-            continue
-        if isinstance(record, dict):
-            lines.append(record)
-        else:
-            broken += 1
-    return lines, broken
+def attach(llm, args, output_dir) -> "BatchTransport":
+    """Batch mode for this client: chat() awaits the transport on a cache miss (the llm.py hook)."""
+    transport = BatchTransport(llm, args, output_dir)
+    llm.transport = transport
+    return transport
 
 
 def log_to_stderr(message: str) -> None:
@@ -211,337 +121,6 @@ def log_to_stderr(message: str) -> None:
 
 class BatchStalled(Exception):
     """The batch endpoint could not be reached (or kept failing) for --stall_timeout seconds."""
-
-
-# ---------------------------------------------------------------------------------------------
-# quiescence
-
-
-_SCOPE: contextvars.ContextVar = contextvars.ContextVar("batch_scope", default=None)
-
-
-class _Flow:
-    __slots__ = ("parent", "children", "parked")
-
-    def __init__(self, parent):
-        self.parent, self.children, self.parked = parent, 0, False
-
-    @property
-    def busy(self) -> bool:
-        return not self.parked and not self.children
-
-
-class FlowTracker:
-    """The tasks of one run_items call, and how many of them are busy: alive, not parked on a batch
-    request, and not waiting on live tasks of their own. `busy == 0` is quiescence."""
-
-    def __init__(self):
-        self.flows: dict[asyncio.Task, _Flow] = {}
-        self.busy = 0
-        self.went_idle = asyncio.Event()  # set whenever busy falls to 0
-        self.last_change = time.monotonic()
-        self._loop = self._previous = None
-
-    def install(self) -> None:
-        """Track every task the stage's tasks create, until uninstall()."""
-        self._loop = asyncio.get_running_loop()
-        self._previous = self._loop.get_task_factory()
-        self._loop.set_task_factory(self._factory)
-
-    def uninstall(self) -> None:
-        if self._loop is not None and self._loop.get_task_factory() == self._factory:
-            self._loop.set_task_factory(self._previous)
-
-    @contextmanager
-    def scope(self):
-        """Tasks created inside (the items' own) are the stage's; so are the tasks they create."""
-        token = _SCOPE.set(self)
-        try:
-            yield
-        finally:
-            _SCOPE.reset(token)
-
-    def _factory(self, loop, coro, **kwargs):
-        task = self._previous(loop, coro, **kwargs) if self._previous else asyncio.Task(coro, loop=loop, **kwargs)
-        if _SCOPE.get() is self:
-            parent = asyncio.current_task(loop)
-            self._add(task, parent if parent in self.flows else None)
-        return task
-
-    def _change(self, flow: _Flow, apply) -> None:
-        before = flow.busy
-        apply(flow)
-        self._count(flow.busy - before)
-
-    def _count(self, delta: int) -> None:
-        self.last_change = time.monotonic()
-        if delta:
-            self.busy += delta
-            if self.busy == 0:
-                self.went_idle.set()
-
-    def _add(self, task, parent) -> None:
-        self.flows[task] = _Flow(parent)
-        self._count(+1)
-        if parent is not None:
-            self._change(self.flows[parent], lambda f: setattr(f, "children", f.children + 1))
-        task.add_done_callback(self._done)  # before gather's own callbacks: the parent is busy as it wakes
-
-    def _done(self, task) -> None:
-        flow = self.flows.pop(task, None)
-        if flow is None:
-            return
-        self._count(-1 if flow.busy else 0)
-        if flow.parent in self.flows:
-            self._change(self.flows[flow.parent], lambda f: setattr(f, "children", f.children - 1))
-
-    def tracks(self, task) -> bool:
-        return task in self.flows
-
-    def park(self, task) -> None:
-        if task in self.flows:
-            self._change(self.flows[task], lambda f: setattr(f, "parked", True))
-
-    def unpark(self, task) -> None:
-        if task in self.flows:
-            self._change(self.flows[task], lambda f: setattr(f, "parked", False))
-
-    def quiet_for(self) -> float:
-        return time.monotonic() - self.last_change
-
-
-# ---------------------------------------------------------------------------------------------
-# the state of an output folder's batches
-
-
-class BatchState:
-    """Every batch of an output folder, committed as it changes (WAL, synchronous=NORMAL: a commit
-    survives the process being killed). A record: local_id, runner, endpoint, status (uploaded ->
-    submitted -> read | lost), the custom_ids it holds, the worst case reserved per line, file and batch ids."""
-
-    def __init__(self, path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS batches (local_id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, "
-                        "status TEXT NOT NULL, record TEXT NOT NULL)")
-        self.db.commit()
-
-    def save(self, record: dict) -> None:
-        self.db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?)",
-                        (record["local_id"], record["endpoint"], record["status"], json.dumps(record)))
-        self.db.commit()
-
-    def open_records(self, endpoint: str) -> list[dict]:
-        rows = self.db.execute("SELECT record FROM batches WHERE endpoint = ? AND status IN ('uploaded', 'submitted') "
-                               "ORDER BY local_id", (endpoint,))
-        return [json.loads(r[0]) for r in rows]
-
-    def records(self) -> list[dict]:
-        return [json.loads(r[0]) for r in self.db.execute("SELECT record FROM batches ORDER BY local_id")]
-
-    def close(self) -> None:
-        self.db.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# runners
-
-
-class RunnerError(Exception):
-    """A runner call failed; `final`: retrying the same call cannot help."""
-
-    def __init__(self, message: str, final: bool = False):
-        super().__init__(message)
-        self.final = final
-
-
-class OpenAIRunner:
-    """The Files and Batches endpoints of --base_url, through the openai client. Its own retries are
-    off: creating a batch is not idempotent, and the driver retries at the next poll, creating only
-    after looking for a batch already made from the same file."""
-    name, resumable, max_in_flight = "openai", True, None
-
-    def __init__(self, llm, args):
-        self.base_url, self.api_key = llm.base_url, llm._api_key
-        self.timeout = max(args.timeout, 600.0)  # an upload of up to 200 MB
-        self.poll_interval = args.batch_poll_interval
-        self.client = None
-
-    async def open(self) -> None:
-        from openai import AsyncOpenAI
-
-        self.client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
-
-    @staticmethod
-    def _error(err) -> RunnerError:
-        import openai
-
-        status = getattr(err, "status_code", None)
-        final = isinstance(err, openai.APIStatusError) and status < 500 and status not in RETRIED_STATUS
-        return RunnerError(f"{type(err).__name__}: {err}", final=final)
-
-    async def _call(self, coro):
-        import openai
-
-        try:
-            return await coro
-        except openai.APIError as err:
-            raise self._error(err) from None
-
-    async def upload(self, record: dict, data: bytes) -> None:
-        file = await self._call(self.client.files.create(file=(f"{record['local_id']}.jsonl", data), purpose="batch"))
-        record["file_id"] = file.id
-
-    async def create(self, record: dict) -> bool:
-        """Create the batch of the uploaded file, or adopt the one a killed run created; True if adopted."""
-        try:
-            found = await self._call(self._batch_of(record["file_id"], since=record["created"] - 60))
-        except RunnerError as err:
-            if not err.final:  # whether a batch exists for the file is unknown: try again later
-                raise
-            found = None  # an endpoint that lists no batches: nothing to adopt
-        if found is not None:
-            record["batch_id"] = found
-            return True
-        batch = await self._call(self.client.batches.create(
-            input_file_id=record["file_id"], endpoint=BATCH_URL, completion_window="24h",
-            metadata={"personamath_batch": record["local_id"]}))
-        record["batch_id"] = batch.id
-        return False
-
-    async def _batch_of(self, file_id: str, since: float) -> str | None:
-        """The id of a batch made from this file, looking through those created since `since`."""
-        async for batch in self.client.batches.list(limit=100):  # newest first, every page
-            if batch.input_file_id == file_id:
-                return batch.id
-            if batch.created_at < since:
-                return None
-        return None
-
-    async def poll(self, record: dict) -> str:
-        batch = await self._call(self.client.batches.retrieve(record["batch_id"]))
-        record["output_file_id"], record["error_file_id"] = batch.output_file_id, batch.error_file_id
-        errors = (batch.errors.data if batch.errors and batch.errors.data else None) or []
-        record["errors"] = [{"code": e.code, "message": e.message} for e in errors]
-        return batch.status
-
-    async def results(self, record: dict) -> tuple[list[dict], int]:
-        lines, broken = [], 0
-        for file_id in (record.get("output_file_id"), record.get("error_file_id")):
-            if file_id:
-                content = await self._call(self.client.files.content(file_id))
-                more, bad = parse_jsonl(content.content.decode("utf-8", errors="replace"))
-                lines += more
-                broken += bad
-        return lines, broken
-
-    async def cancel(self, record: dict) -> None:
-        await self._call(self.client.batches.cancel(record["batch_id"]))
-
-
-def engine_flags(settings: dict) -> list[str]:
-    """vLLM engine keyword arguments as command-line flags: {"enforce_eager": True} -> --enforce-eager."""
-    flags = []
-    for key, value in settings.items():
-        name = key.replace("_", "-")
-        if value is True:
-            flags.append(f"--{name}")
-        elif value is False:
-            flags.append(f"--no-{name}")
-        else:
-            flags += [f"--{name}", str(value)]
-    return flags
-
-
-class VLLMRunner:
-    """vLLM's offline batch runner on a local model: one `run_batch` process per batch, one at a time,
-    its files under OUTPUT_DIR/batches/. Not resumable: a killed run redoes the round it was in."""
-    name, resumable, max_in_flight, poll_interval = "vllm", False, 1, 0.5
-
-    def __init__(self, args, output_dir: Path):
-        self.model_dir = Path(args.vllm_model_dir or args.model)
-        if not (self.model_dir / "config.json").is_file():
-            raise UserError(f"--batch_runner vllm: {self.model_dir} is not a model folder (pass the folder as --model "
-                            f"or --vllm_model_dir; `python -m personamath.embedded_model` prints the embedded one)")
-        self.served_name = args.model
-        self.dtype, self.extra = args.vllm_dtype, shlex.split(args.vllm_args or "")
-        self.folder = Path(output_dir) / "batches"
-        self.processes = {}
-
-    async def open(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        for process in self.processes.values():
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        self.processes.clear()
-
-    def paths(self, record: dict) -> tuple[Path, Path, Path]:
-        stem = self.folder / record["local_id"]
-        return stem.with_suffix(".input.jsonl"), stem.with_suffix(".output.jsonl"), stem.with_suffix(".log")
-
-    def command(self, input_path: Path, output_path: Path) -> tuple[list[str], dict]:
-        from .inference import cpu_engine_env, cpu_engine_settings, on_cpu
-        from .precision import resolve_dtype
-
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(input_path), "-o",
-                   str(output_path), "--model", str(self.model_dir), "--served-model-name", self.served_name,
-                   "--dtype", resolve_dtype(self.dtype).dtype, "--seed", "0"]
-        env = dict(os.environ)
-        if on_cpu():  # as serve.py starts it: no CUDA graphs, no chunked prefill, the engine in one process
-            command += [*engine_flags(cpu_engine_settings()), "--distributed-executor-backend", "uni"]
-            env.update(cpu_engine_env())
-        return command + self.extra, env
-
-    async def upload(self, record: dict, data: bytes) -> None:
-        input_path, _, _ = self.paths(record)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        input_path.write_bytes(data)
-        record["file_id"] = str(input_path)
-
-    async def create(self, record: dict) -> bool:
-        input_path, output_path, log = self.paths(record)
-        output_path.unlink(missing_ok=True)
-        command, env = await asyncio.to_thread(self.command, input_path, output_path)
-        with log.open("w") as log_file:
-            self.processes[record["local_id"]] = await asyncio.create_subprocess_exec(
-                *command, stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env)
-        record["batch_id"] = f"vllm-run_batch-pid{self.processes[record['local_id']].pid}"
-        return False
-
-    async def poll(self, record: dict) -> str:
-        process = self.processes.get(record["local_id"])
-        if process is None:
-            return "failed"
-        if process.returncode is None:
-            return "in_progress"
-        _, _, log = self.paths(record)
-        if process.returncode != 0:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
-            record["errors"] = [{"code": f"exit {process.returncode}", "message": f"see {log}: " + " | ".join(tail)}]
-            return "failed"
-        return "completed"
-
-    async def results(self, record: dict) -> tuple[list[dict], int]:
-        _, output_path, _ = self.paths(record)
-        if not output_path.is_file():
-            return [], 0
-        return parse_jsonl(output_path.read_text(errors="replace"))
-
-    async def cancel(self, record: dict) -> None:
-        process = self.processes.get(record["local_id"])
-        if process is not None and process.returncode is None:
-            process.kill()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,7 +173,7 @@ class BatchTransport:
     async def __call__(self, key: str, body: dict, kind: str) -> Reply | None:
         task = asyncio.current_task()
         if self.tracker is None or not self.tracker.tracks(task):
-            raise RuntimeError("batch mode: chat() must run inside pipeline.run_items, whose driver submits")
+            raise RuntimeError("batch mode: chat() must run inside stage.run_items, whose driver submits")
         if self.llm.budget_stopped:
             raise BudgetExceeded(f"--max_cost ${self.llm.max_cost} reached: no more batch lines are submitted")
         pending = self.pending.get(key)
@@ -614,7 +193,7 @@ class BatchTransport:
                 if not pending.waiters and pending.batch is None:
                     self.pending.pop(key, None)
         if result is not _ONLINE:
-            self.llm._answered(result)
+            self.llm.answered(result)
         return result
 
     def _resolve(self, pending: Pending, result) -> None:
@@ -893,10 +472,3 @@ class BatchTransport:
         return {"runner": self.runner.name, "state": state,
                 "in_flight_at_exit": [r.get("batch_id") or r["local_id"] for r in self.in_flight.values()],
                 **dict(sorted(self.counts.items()))}
-
-
-def attach(llm, args, output_dir) -> BatchTransport:
-    """Batch mode for this client: chat() awaits the transport on a cache miss (the llm.py hook)."""
-    transport = BatchTransport(llm, args, output_dir)
-    llm.transport = transport
-    return transport

@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from .decontamination import add_decontamination_args, check_args, decontaminate
+from .config import RecipeParser, write_settings_used
 from .errors import UserError, exit_on_user_error
 from .jsonl import iter_jsonl, write_json, write_jsonl, write_text
 from .provenance import markdown as provenance_markdown
@@ -44,27 +45,29 @@ WORD = re.compile(r"\w+")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Merge the generation stages' outputs into PersonaMathQA: remove exact "
+    p = RecipeParser("build_dataset", prog="build_dataset.py", description="Merge the generation stages' outputs into PersonaMathQA: remove exact "
                                             "and near duplicates and test-set overlap, shuffle, report statistics.")
-    p.add_argument("--inputs", nargs="+", required=True,
-                   help="stage outputs (cot.jsonl, persona.jsonl, ...); a X.stats.json beside X.jsonl gives its yield")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--inputs", nargs="+", default=[f"runs/gen/{name}.jsonl" for name in STAGES],
+                   help="stage outputs (default: the four of the stages' default runs/gen); a X.stats.json beside "
+                        "X.jsonl gives its yield")
+    p.add_argument("--output_dir", default="runs/dataset", help="(default: runs/dataset, where train.py reads)")
     p.add_argument("--near_dup_threshold", type=float, default=0.9,
                    help=f"a row is a near duplicate of an earlier one when the Jaccard similarity of their word "
                         f"{SHINGLE}-gram sets is at least this (default 0.9)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the final shuffle (default 42)")
+    p.add_argument("--shuffle_seed", type=int, default=42, help="seed of the final shuffle (default 42)")
     p.add_argument("--no_shuffle", action="store_true", help="keep the input order")
     add_decontamination_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     with exit_on_user_error():
-        return run(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return run(args, settings=parser.settings_used(args))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: dict | None = None) -> int:
     """Build the dataset and write every output; return the exit status (1 when no row is kept)."""
     if not 0 < args.near_dup_threshold <= 1:
         raise UserError(f"--near_dup_threshold must be in (0, 1], got {args.near_dup_threshold}")
@@ -78,10 +81,12 @@ def run(args: argparse.Namespace) -> int:
     kept, near = remove_near_duplicates(kept, args.near_dup_threshold)
     kept, contaminated, siblings, decontamination = decontaminate(kept, args, out_dir)
     if not args.no_shuffle:
-        random.Random(args.seed).shuffle(kept)
+        random.Random(args.shuffle_seed).shuffle(kept)
     dataset = [{k: row.get(k) for k in OUTPUT_FIELDS} for row in kept]
 
     write_jsonl(out_dir / "PersonaMathQA.jsonl", dataset)
+    if settings is not None:
+        write_settings_used(out_dir, settings)
     write_jsonl(out_dir / "removed_duplicates.jsonl", exact + near)
     write_jsonl(out_dir / "removed_contaminated.jsonl", contaminated)
     write_jsonl(out_dir / "siblings_kept.jsonl", siblings)
@@ -237,7 +242,7 @@ def summarize(args, rows_per_file, dataset, exact, near, contaminated, decontami
                          "contamination_policy", "top_k", "ngram", "embedding_retrieval", "added_quantity_overlap",
                          "max_added_quantities", "setting_overlap", "answers", "sibling_similarity", "judge")},
                      "near_dup_threshold": args.near_dup_threshold, "near_dup_shingle_words": SHINGLE,
-                     "shuffle": not args.no_shuffle, "seed": args.seed},
+                     "shuffle": not args.no_shuffle, "seed": args.shuffle_seed},
         "provenance": provenance(),
     }
 

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import batch, pipeline
+from . import batch, stage
 from .data import load_any
 from .errors import UserError
 from .llm import add_llm_args
@@ -160,7 +160,7 @@ def judge_client(args: argparse.Namespace, output_dir: Path):
     except SystemExit:
         raise UserError(f"--judge_args {args.judge_args!r}: not flags of the LLM client (see gen_cot.py --help)")
     llm_args.base_url = args.judge_base_url
-    return pipeline.make_client(llm_args, output_dir), llm_args
+    return stage.make_client(llm_args, output_dir), llm_args
 
 
 def parse_verdict(text: str) -> str:
@@ -177,9 +177,9 @@ def judge(pairs: list[tuple[str, str]], args, output_dir: Path) -> tuple[list[st
         index, (row_problem, test_problem) = pair
         prompt = JUDGE.render(row_problem=row_problem, test_problem=test_problem)
         reply = await llm.chat([{"role": "user", "content": prompt}], kind="judge")
-        return pipeline.Outcome(kept=[(index, parse_verdict(reply.text))], attempted=1)
+        return stage.Outcome(kept=[(index, parse_verdict(reply.text))], attempted=1)
 
-    result = asyncio.run(pipeline.run_items(list(enumerate(pairs)), work, llm, "judge", 1, llm_args.stall_timeout,
+    result = asyncio.run(stage.run_items(list(enumerate(pairs)), work, llm, "judge", 1, llm_args.stall_timeout,
                                             item_id=lambda pair: f"pair {pair[0]}"))
     where = f"judge at {llm.base_url}"
     if result.stalled:
@@ -188,7 +188,7 @@ def judge(pairs: list[tuple[str, str]], args, output_dir: Path) -> tuple[list[st
     if result.finished < result.inputs and not result.failed_ids:
         raise UserError(f"{where}: stopped at --judge_max_cost ${llm.max_cost} (spent at most ${llm.spent:.4f}) "
                         f"after {result.finished} of {result.inputs} pairs; nothing is written: rerun with a higher "
-                        f"cap, the answered pairs are cached", status=pipeline.EXIT_BUDGET)
+                        f"cap, the answered pairs are cached", status=stage.EXIT_BUDGET)
     if result.failed_ids or result.rejected_by_server:
         failed = len(result.failed_ids) + len(result.rejected_by_server)
         raise UserError(f"{where}: {failed} of {len(pairs)} requests failed after every retry; the answered ones "

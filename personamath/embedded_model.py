@@ -37,9 +37,20 @@ def is_converted(target: Path) -> bool:
 
 
 def ensure_embedded_model(target: Path = DEFAULT_DIR) -> Path:
-    """The HuggingFace folder of the embedded model, converting the GGUF file on first use."""
+    """The HuggingFace folder of the embedded model, converting the GGUF file on first use (once, when
+    several processes ask at the same time: the ranks of a training run)."""
     if is_converted(target):
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not is_converted(target):
+            convert(target)
+    return target
+
+
+def convert(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,7 +73,6 @@ def ensure_embedded_model(target: Path = DEFAULT_DIR) -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.replace(target)
-    return target
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import grader
+from .config import RecipeParser, write_settings_used
 from .data import Problem, load_problems
 from .errors import UserError, exit_on_user_error
 from .jsonl import read_jsonl, write_json, write_jsonl, write_text
@@ -47,8 +48,9 @@ ROW_KEYS = ("id", "question", "gold", "completion")  # what --generations needs 
 
 def build_parser(task: str) -> argparse.ArgumentParser:
     name = {"gsm8k": "GSM8K", "math": "MATH"}[task]
-    p = argparse.ArgumentParser(description=f"Evaluate a model on {name} with vLLM (greedy decoding), "
-                                            "graded by the authors' grader and by math-verify.")
+    p = RecipeParser(f"eval_{task}", prog=f"eval_{task}.py",
+                     description=f"Evaluate a model on {name} with vLLM (greedy decoding), graded by the authors' "
+                                 "grader and by math-verify.")
     p.add_argument("--model", help="model directory (or hub id where a hub is reachable)")
     p.add_argument("--data_file", help=f"{name} test JSONL in the authors' or the original format")
     p.add_argument("--start", type=int, default=0, help="first record (index into the file)")
@@ -79,20 +81,22 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--grader", choices=("both",) + grader.GRADERS, default="both")
     p.add_argument("--generations", help="re-grade this saved generations.jsonl instead of generating")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling_seed", type=int, default=0, help="vLLM's seed (decoding is greedy)")
     p.add_argument("--grading_timeout", type=float, default=10.0, help="seconds per item for math-verify")
     p.add_argument("--grading_workers", type=int, default=None, help="math-verify processes")
     return p
 
 
 def main(task: str, argv: list[str] | None = None) -> None:
-    args = build_parser(task).parse_args(argv)
     with exit_on_user_error():
-        run(task, args)
+        parser = build_parser(task)
+        args = parser.parse_args(argv)
+        run(task, args, settings=parser.settings_used(args))
 
 
-def run(task: str, args: argparse.Namespace, llm=None) -> dict:
-    """Evaluate and write every output; `llm` lets a caller reuse an already loaded vLLM engine."""
+def run(task: str, args: argparse.Namespace, llm=None, settings: dict | None = None) -> dict:
+    """Evaluate and write every output; `llm` lets a caller reuse an already loaded vLLM engine;
+    `settings` (config.RecipeMixin.settings_used) is written beside the outputs."""
     started = time.time()
     if args.generations:
         rows, generation = _load_generations(task, args.generations), None
@@ -109,6 +113,8 @@ def run(task: str, args: argparse.Namespace, llm=None) -> dict:
             raise UserError(f"{args.data_file}: no records between --start {args.start} and --end {args.end}")
     out_dir = Path(args.output_dir or _default_output_dir(task, model))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        write_settings_used(out_dir, settings)
     if not args.generations:
         rows, generation = _generate(task, problems, args, protocol, llm)
         write_jsonl(out_dir / "generations.jsonl", rows)  # kept even if grading fails
@@ -219,7 +225,7 @@ def _generate(task: str, problems: list[Problem], args, protocol: dict, llm) -> 
     from .inference import make_llm, sampling_params
 
     own_engine = llm is None
-    llm = llm or make_llm(args.model, args.tensor_parallel_size, args.batch_size, args.seed, args.dtype,
+    llm = llm or make_llm(args.model, args.tensor_parallel_size, args.batch_size, args.sampling_seed, args.dtype,
                           in_process=True)
     tokenizer = llm.get_tokenizer()
     prompt = load_prompt(PROMPTS[protocol["prompt"]],
@@ -235,7 +241,7 @@ def _generate(task: str, problems: list[Problem], args, protocol: dict, llm) -> 
             raise UserError(f"item {problem.id}: prompt of {len(ids)} tokens does not fit the "
                             f"model's context of {context}")
     # The authors' vLLM, too, ended a sequence that reached the model's context ("length").
-    params = [sampling_params(min(max_tokens, context - len(ids)), stop, args.seed) for ids in token_ids]
+    params = [sampling_params(min(max_tokens, context - len(ids)), stop, args.sampling_seed) for ids in token_ids]
 
     dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     started = time.time()
@@ -255,7 +261,7 @@ def _generate(task: str, problems: list[Problem], args, protocol: dict, llm) -> 
                      "max_tokens": param.max_tokens, "protocol": protocol})
     generation = {"wall_s": wall_s, "prompt": protocol["prompt"], "prompt_version": prompt.version,
                   "sampling": {"temperature": protocol["temperature"], "top_p": protocol["top_p"],
-                               "max_tokens": max_tokens, "stop": stop, "seed": args.seed},
+                               "max_tokens": max_tokens, "stop": stop, "seed": args.sampling_seed},
                   "context": context,
                   "data_file": str(args.data_file), "start": args.start, "end": args.end,
                   "limit": args.limit, "tensor_parallel_size": args.tensor_parallel_size,

@@ -43,7 +43,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 CHARS_PER_TOKEN = 4  # for --dry_run estimates only: a rough average for English and LaTeX
 
 
-# The request counter of the item being worked on (pipeline.run_items sets one per item): every
+# The request counter of the item being worked on (stage.run_items sets one per item): every
 # request that item makes, answered by the server or the cache, counts on it.
 ITEM_REQUESTS: ContextVar[list[int] | None] = ContextVar("item_requests", default=None)
 
@@ -227,7 +227,7 @@ def add_llm_args(parser) -> None:
                         f"a request may be answered 429 {THROTTLED_RETRIES_PER_RETRY} x (max_retries + 1) times")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--max_tokens", type=int, default=2048)
-    g.add_argument("--seed", type=int, default=0, help="base of the per-request seed (seed + sample index)")
+    g.add_argument("--sampling_seed", type=int, default=0, help="base of the per-request seed (sampling_seed + sample index)")
     g.add_argument("--cache", default=None, help="response cache (default: OUTPUT_DIR/llm_cache.sqlite)")
     g.add_argument("--prices", default=str(PRICES_FILE),
                    help="USD per million input/output tokens per model (default: the package's prices.json)")
@@ -248,7 +248,7 @@ class LLMClient:
             api_key = "EMPTY"  # local servers ignore it, the client insists on one
         self.model = args.model
         self.params = {"temperature": args.temperature, "max_tokens": args.max_tokens}
-        self.seed = args.seed
+        self.seed = args.sampling_seed
         self.max_cost = args.max_cost
         self.spent = 0.0  # USD this run, at most (see _request), over every ledger: what --max_cost caps
         self.reserved = 0.0  # the worst case of the attempts in flight
@@ -264,7 +264,7 @@ class LLMClient:
         self._pacing = getattr(args, "pacing", "headers") != "off"
         self._limiter = None  # concurrency and pacing (RateLimiter), one per event loop
         self._client = None
-        self._api_key, self._timeout = api_key, args.timeout
+        self.api_key, self._timeout = api_key, args.timeout  # sent to the server, never written to a file
         self.on_reply = None  # called with every Reply, cached or not (the stage's progress)
         # --- batch-mode hook (personamath/batch.py): awaited on a cache miss instead of sending ---
         self.transport = None  # async (key, body, kind) -> Reply, or None: send it online after all
@@ -276,13 +276,13 @@ class LLMClient:
             from openai import AsyncOpenAI
 
             # Retries are ours (_request), so that each attempt is reserved against the budget.
-            self._client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout,
+            self._client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self._timeout,
                                        max_retries=0)
             self._limiter = RateLimiter(self._concurrency, enabled=self._pacing)
         return self._client
 
     def body(self, messages: list[dict], sample: int) -> dict:
-        """The request as sent; sample i of the same messages is asked for with seed --seed + i."""
+        """The request as sent; sample i of the same messages is asked for with seed --sampling_seed + i."""
         return {"model": self.model, "messages": messages, "seed": self.seed + sample, **self.params}
 
     def key(self, messages: list[dict], sample: int) -> str:
@@ -298,7 +298,7 @@ class LLMClient:
         cached = self.cache.get(key)
         if cached is not None:
             self.ledger.cache_hits += 1
-            self._answered(cached)
+            self.answered(cached)
             return cached
         if self.transport is not None:  # --- batch-mode hook: the transport answers, accounts, caches
             reply = await self.transport(key, body, kind)
@@ -320,10 +320,12 @@ class LLMClient:
         self.ledger.completion_tokens += reply.completion_tokens
         self.ledger.truncated += reply.finish_reason == "length"
         self.cache.put(key, reply)
-        self._answered(reply)
+        self.answered(reply)
         return reply
 
-    def _answered(self, reply: Reply) -> None:
+    def answered(self, reply: Reply) -> None:
+        """Report one answer, cached or not, to on_reply (the stage's progress). chat() calls it for
+        every reply it returns; a transport (batch.py) that answers for chat() calls it for its own."""
         if self.on_reply is not None:
             self.on_reply(reply)
 

@@ -2,7 +2,8 @@
 # Launch train.py with the `deepspeed` launcher. run_zero2.sh and run_zero3.sh call this with their
 # DeepSpeed config. The training settings and their defaults are train.py's alone: each knob below is
 # passed on as its train.py flag only when it is set, and arguments given to the run_zero scripts go on
-# to train.py too. What stays here: the DeepSpeed config, the launcher's GPUs/hosts/port, the precision.
+# to train.py too (`--config RECIPE` included: train.py reads its `train` section). What stays here:
+# the DeepSpeed config, the launcher's GPUs/hosts/port, the precision.
 #
 # On GPUs it trains in bf16 (fp16 where the GPU has no bf16); without a GPU it runs in fp32 on
 # DeepSpeed's CPU accelerator over gloo, each rank with its share of the cores.
@@ -10,10 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DS_CONFIG=${DS_CONFIG:?set DS_CONFIG (run_zero2.sh and run_zero3.sh do)}
-# Default: the embedded model, converted on first use into the user cache ($PERSONAMATH_CACHE).
-MODEL_PATH=${MODEL_PATH:-$(python -m personamath.embedded_model)}
-DATA_PATH=${DATA_PATH:-runs/dataset/PersonaMathQA.jsonl}  # several files: space-separated
-OUTPUT_DIR=${OUTPUT_DIR:-runs/train/$(basename "$MODEL_PATH")-$(basename "$DS_CONFIG" .json)}
 MASTER_PORT=${MASTER_PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-}            # several nodes: the first node's address (default: the hostfile's first)
 HOSTFILE=${HOSTFILE:-}                  # several nodes: a DeepSpeed hostfile ("host slots=8" per line)
@@ -51,7 +48,7 @@ fi
 
 # Each training knob that is set, as its train.py flag (unset: train.py's default).
 settings=()
-for knob in PER_DEVICE_BATCH_SIZE:per_device_train_batch_size GRAD_ACCUM:gradient_accumulation_steps \
+for knob in MODEL_PATH:model_name_or_path OUTPUT_DIR:output_dir PER_DEVICE_BATCH_SIZE:per_device_train_batch_size GRAD_ACCUM:gradient_accumulation_steps \
             EPOCHS:num_train_epochs LR:learning_rate WARMUP:warmup_steps SCHEDULER:lr_scheduler_type \
             WEIGHT_DECAY:weight_decay MAX_LENGTH:model_max_length PROMPT_TEMPLATE:prompt_template PACKING:packing \
             GRADIENT_CHECKPOINTING:gradient_checkpointing SAVE_STEPS:save_steps SAVE_TOTAL_LIMIT:save_total_limit \
@@ -59,14 +56,12 @@ for knob in PER_DEVICE_BATCH_SIZE:per_device_train_batch_size GRAD_ACCUM:gradien
     name=${knob%%:*}
     [ -n "${!name:-}" ] && settings+=("--${knob#*:}" "${!name}")
 done
+# shellcheck disable=SC2206  # DATA_PATH may name several files, space-separated
+[ -n "${DATA_PATH:-}" ] && settings+=(--data_path $DATA_PATH)
 
 # DeepSpeed's CPU allreduce leaves a shared-memory buffer per rank, named with the port: removed at the end.
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$MASTER_PORT"_*' EXIT
-# shellcheck disable=SC2086  # DATA_PATH may name several files
 "$DEEPSPEED" "${launcher[@]}" train.py \
-    --model_name_or_path "$MODEL_PATH" \
-    --data_path $DATA_PATH \
-    --output_dir "$OUTPUT_DIR" \
     --deepspeed "$DS_CONFIG" \
     "${precision[@]}" \
     "${settings[@]}" \

@@ -18,11 +18,12 @@ from conftest import DATA, ROOT, run_here
 
 from fake_batch_server import FakeBatchConfig, start_in_thread as start_batch_server
 from fake_server import FakeServerConfig, start_in_thread as start_llm_server
-from personamath.batch import STATE_FILE, read_result_line, split_files
+from personamath.batch_runners import read_result_line, split_files
+from personamath.batch_state import STATE_FILE
 from personamath.data import load_problems
 from personamath.jsonl import read_jsonl, write_jsonl
 from personamath.llm import ResponseCache, cost_of
-from personamath.pipeline import EXIT_BUDGET, EXIT_FAILED_REQUESTS, EXIT_STALLED
+from personamath.stage import EXIT_BUDGET, EXIT_FAILED_REQUESTS, EXIT_STALLED
 
 GSM8K = DATA / "gsm8k" / "train.jsonl"
 MATH = DATA / "math" / "MATH_train.jsonl"

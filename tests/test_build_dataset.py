@@ -133,10 +133,10 @@ def test_shuffle_is_seeded(tmp_path):
         assert build(tmp_path, rows, *flags)[0] == 0
         return [r["id"] for r in read_jsonl(tmp_path / "out" / "PersonaMathQA.jsonl")]
 
-    seed_1 = order("--seed", "1")
-    assert order("--seed", "1") == seed_1
-    assert order("--seed", "2") != seed_1
-    assert sorted(order("--seed", "2")) == sorted(seed_1)
+    seed_1 = order("--shuffle_seed", "1")
+    assert order("--shuffle_seed", "1") == seed_1
+    assert order("--shuffle_seed", "2") != seed_1
+    assert sorted(order("--shuffle_seed", "2")) == sorted(seed_1)
     assert order("--no_shuffle") == [f"q{i}" for i in range(30)] != seed_1
 
 

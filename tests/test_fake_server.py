@@ -14,8 +14,8 @@ from conftest import DATA, ROOT
 from personamath.data import load_problems
 from fake_server import FakeServerConfig, start_in_thread
 from personamath.parser import last_boxed_answer
-from personamath.pipeline import (parse_personas, parse_rewrite, propose_messages, reflect_messages,
-                                  rewrite_messages, solve_messages, split_reflection)
+from personamath.steps import (parse_personas, parse_rewrite, propose_messages, reflect_messages, rewrite_messages,
+                               solve_messages, split_reflection)
 
 PERSONA = "I am a nurse who plans medication schedules for night shifts and weekends."
 

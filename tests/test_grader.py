@@ -169,7 +169,7 @@ def test_several_boxes_the_last_is_the_answer(task, completion, gold, paper, ver
 def test_stages_grade_several_boxes_as_verify_does():
     import asyncio
 
-    from personamath.pipeline import AsyncGrader
+    from personamath.async_grading import AsyncGrader
 
     async def grade_all():
         return await asyncio.gather(*(stage_grader.correct(task, completion, gold, problem="")

@@ -124,7 +124,7 @@ def test_cache_key_is_the_exact_request_and_endpoint(tmp_path):
 
         assert sent(srv) == 6
         assert sent(srv) == 0  # the same run again: all from the cache
-        for change in (["--seed", "1"], ["--temperature", "0.5"], ["--max_tokens", "100"], ["--model", "fake-llm-2"]):
+        for change in (["--sampling_seed", "1"], ["--temperature", "0.5"], ["--max_tokens", "100"], ["--model", "fake-llm-2"]):
             assert sent(srv, *change) == 6, change
             assert sent(srv, *change) == 0, change
         assert sent(other) == 6  # another endpoint serving a model of the same name

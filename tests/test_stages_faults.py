@@ -14,7 +14,7 @@ from conftest import DATA, ROOT, run_here
 from personamath.data import load_problems
 from fake_server import FakeServerConfig, start_in_thread
 from personamath.jsonl import read_jsonl, write_jsonl
-from personamath.pipeline import EXIT_GRADING_FAILED
+from personamath.stage import EXIT_GRADING_FAILED
 
 GSM8K = DATA / "gsm8k" / "train.jsonl"
 MATH = DATA / "math" / "MATH_train.jsonl"
@@ -203,7 +203,7 @@ def test_malformed_stage_input_names_file_and_line(tmp_path):
 def test_only_stated_answers_that_solve_the_problem_are_kept():
     import asyncio
 
-    from personamath.pipeline import AsyncGrader
+    from personamath.async_grading import AsyncGrader
 
     async def check(grader, task, gold, problem, texts):
         return await asyncio.gather(*(grader.correct(task, text, gold, problem) for text in texts))

@@ -2,6 +2,7 @@
 launch scripts (ZeRO-2 and ZeRO-3, 1 and 2 ranks) with save, reload and resume."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -285,15 +286,13 @@ def parsed(argv: list[str]):
     """train.py's three argument dataclasses as dicts, the DeepSpeed config left out (the launcher's own:
     parsing it here would set up DeepSpeed in the test process)."""
     import train
-    from transformers import HfArgumentParser
 
     if "--deepspeed" in argv:
         i = argv.index("--deepspeed")
         argv = argv[:i] + argv[i + 2:]
-    parser = HfArgumentParser((train.ModelArguments, train.DataArguments, train.TrainingArguments))
     # distributed_state: a process-state object, made anew by each parse
     return [{k: v for k, v in vars(a).items() if k != "distributed_state"}
-            for a in parser.parse_args_into_dataclasses(args=argv)]
+            for a in train.TrainParser().parse_args_into_dataclasses(args=argv)[:3]]
 
 
 @pytest.mark.parametrize("zero", [2, 3])
@@ -301,9 +300,11 @@ def test_launch_scripts_hold_no_training_default(tmp_path, zero):
     """Every training setting is train.py's: run_zero{2,3}.sh with no knob set hands train.py no training
     flag, so `bash run_zero2.sh` and `python train.py` with the same arguments train alike; a knob set is
     passed on as its flag, and arguments after the script come last (they win)."""
+    assert launched_arguments(tmp_path, zero, {"MODEL_PATH": "", "DATA_PATH": "", "OUTPUT_DIR": ""}) == [
+        "--deepspeed", f"configs/ds_zero{zero}.json"]  # fp32 on the CPU: no precision flag either
     argv = launched_arguments(tmp_path, zero, {}, "--seed", "7")
-    assert argv == ["--model_name_or_path", "m", "--data_path", "d.jsonl", "--output_dir", str(tmp_path / "out"),
-                    "--deepspeed", f"configs/ds_zero{zero}.json", "--seed", "7"]  # fp32 on the CPU: no flag
+    assert argv == ["--deepspeed", f"configs/ds_zero{zero}.json", "--model_name_or_path", "m", "--output_dir",
+                    str(tmp_path / "out"), "--data_path", "d.jsonl", "--seed", "7"]
     by_hand = parsed(["--model_name_or_path", "m", "--data_path", "d.jsonl", "--output_dir", str(tmp_path / "out"),
                       "--seed", "7"])
     assert parsed(argv) == by_hand
@@ -315,4 +316,25 @@ def test_launch_scripts_hold_no_training_default(tmp_path, zero):
         assert argv[argv.index(flag) + 1] == value
     assert parsed(argv)[2]["seed"] == 9 and parsed(argv)[1]["packing"] is True
     launchers = [(ROOT / name).read_text() for name in ("scripts/launch_train.sh", "run_zero2.sh", "run_zero3.sh")]
-    assert not any(f"${{{knob}:-" in text for knob in knobs for text in launchers)
+    assert not any(re.search(rf"\${{{knob}:-[^}}]", text) for knob in [*knobs, "MODEL_PATH", "DATA_PATH", "OUTPUT_DIR"]
+                   for text in launchers)  # a default such as ${LR:-2e-5}
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs/recipes").glob("*.yaml")))
+def test_a_recipe_trains_alike_by_hand_and_through_the_launchers(tmp_path, recipe):
+    """`python train.py --config R` and `bash run_zero{2,3}.sh --config R` parse to the same arguments, and
+    each value of the recipe's train section is the one train.py trains with: no launcher, default or
+    rename stands between the recipe and the Trainer."""
+    import yaml
+
+    path = ROOT / "configs/recipes" / recipe
+    section = yaml.safe_load(path.read_text())["train"]
+    paths = ["--model_name_or_path", "m", "--data_path", "d.jsonl", "--output_dir", str(tmp_path / "out")]
+    by_hand = parsed(["--config", str(path), *paths])
+    for zero in (2, 3):
+        launched = launched_arguments(tmp_path, zero, {}, "--config", str(path))
+        assert parsed(launched) == by_hand
+    values = {k: v for group in by_hand for k, v in group.items()}
+    for key, value in section.items():
+        if key != "model_name_or_path" and value is not None:
+            assert values[key] == value, key

@@ -1,36 +1,35 @@
-"""What the generation stages share: their command line, the prompts' requests and the parsing of
-their answers, grading off the event loop, and the item loop (progress, budget stop, outputs, stats).
+"""A generation stage: its command line and client, the item loop (progress, budget stop, stall
+watchdog, batch driver), and its outputs, stats and exit status.
 
-A stage is a function `work(item) -> Outcome` run over all items concurrently. Its outputs are written
-once, at the end, from the outcomes; what makes a killed run cheap is the response cache (llm.py),
-from which a rerun rebuilds every finished item without a request.
+A stage is a function `work(item) -> Outcome` (made of steps.py's steps) run over all items
+concurrently. Its outputs are written once, at the end, from the outcomes; what makes a killed run cheap
+is the response cache (llm.py), from which a rerun rebuilds every finished item without a request.
 """
-import argparse
 import asyncio
-import re
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import batch, grader, parser
+from . import batch, grader
+from .async_grading import GradingFailed, GradingTally
+from .batch_state import STATE_FILE
+from .config import RecipeParser
 from .errors import UserError
 from .jsonl import iter_jsonl, write_json, write_jsonl
 from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, LLMRejected, add_llm_args, cost_of
 from .progress import RequestProgress
-from .prompts import load_prompt
 from .provenance import provenance
-from .rewrites import rewrite_problem
 
-SOLVE, REWRITE, PROPOSE, REFLECT = (load_prompt(n) for n in ("solve", "rewrite_persona", "propose_personas", "reflect"))
 EXIT_BUDGET = 3  # --max_cost reached: outputs hold what finished, a rerun with a higher budget goes on
 EXIT_FAILED_REQUESTS = 4  # some requests failed after every retry: a rerun retries just those
 EXIT_STALLED = 5  # the server answered nothing for --stall_timeout: outputs hold what finished, a rerun resumes
 EXIT_GRADING_FAILED = 6  # grading failed too often (GradingTally.count): outputs hold what finished, a rerun resumes
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def stage_parser(name: str, description: str) -> RecipeParser:
+    """The arguments every generation stage takes; `name` is its script's, and its section of --config."""
+    p = RecipeParser(name, prog=f"{name}.py", description=description)
     p.add_argument("--output_dir", default="runs/gen", help="stage outputs and the response cache")
     p.add_argument("--limit", type=int, default=None, help="process at most this many input items")
     p.add_argument("--grading_timeout", type=float, default=10.0)
@@ -55,192 +54,6 @@ def fresh_ledger(ledger):
     """A new, empty account for the same model and prices (reflection's phase 2)."""
     keep = {"model", "price", "batch_price"}
     return type(ledger)(**{f.name: getattr(ledger, f.name) for f in fields(ledger) if f.name in keep})
-
-
-# ---------------------------------------------------------------------------------------------
-# requests and the parsing of their answers
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-def solve_messages(problem: str) -> list[dict]:
-    return user(SOLVE.render(problem=problem))
-
-
-def rewrite_messages(problem: str, persona: str) -> list[dict]:
-    return user(REWRITE.render(problem=problem, persona=persona))
-
-
-def propose_messages(problem: str, k: int) -> list[dict]:
-    return user(PROPOSE.render(problem=problem, k=str(k)))
-
-
-def reflect_messages(problem: str, attempt: str) -> list[dict]:
-    return user(REFLECT.render(problem=problem, attempt=attempt))
-
-
-_LABEL = re.compile(r"^\s*(rewritten problem|problem|question)\s*:\s*", re.IGNORECASE)
-_LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
-_CORRECTED = re.compile(r"\**corrected solution\s*:?\**\s*:?", re.IGNORECASE)
-
-
-def parse_rewrite(text: str) -> str | None:
-    """The rewritten problem, without a leading label; None when the model wrote nothing usable."""
-    text = _LABEL.sub("", text.strip()).strip()
-    return text if len(text) >= 10 else None
-
-
-def parse_personas(text: str, k: int) -> list[str]:
-    """Up to k distinct persona lines, list markers removed."""
-    personas = []
-    for line in text.splitlines():
-        line = _LIST_MARK.sub("", line).strip().strip('"')
-        if len(line) >= 10 and line not in personas:
-            personas.append(line)
-    return personas[:k]
-
-
-def split_reflection(text: str) -> tuple[str, str]:
-    """(reflection, corrected solution) of a reflect answer; all of it is the solution without the heading."""
-    parts = _CORRECTED.split(text, maxsplit=1)
-    if len(parts) == 1:
-        return "", text.strip()
-    return parts[0].strip(), parts[1].strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# the steps the stages are made of
-
-
-async def solve(llm: LLMClient, grader: "AsyncGrader", source: str, problem: str, gold: str,
-                sample: int = 0) -> tuple[str, bool]:
-    """A fresh solution (never shown any earlier one) and whether its answer is the gold one."""
-    reply = await llm.chat(solve_messages(problem), sample=sample, kind="solve")
-    return reply.text, reply.finish_reason != "length" and await grader.correct(source, reply.text, gold, problem)
-
-
-async def reflect(llm: LLMClient, grader: "AsyncGrader", source: str, problem: str, gold: str,
-                  wrong: str) -> tuple[str, str, bool]:
-    """The LLM is told its attempt is wrong (never the gold answer): (reflection, corrected solution, correct)."""
-    reply = await llm.chat(reflect_messages(problem, wrong), kind="reflect")
-    reflection, solution = split_reflection(reply.text)
-    return reflection, solution, reply.finish_reason != "length" and await grader.correct(source, solution, gold,
-                                                                                          problem)
-
-
-async def rewrite(llm: LLMClient, problem: str, persona: str) -> str | None:
-    """The problem as the persona would pose it; None when the answer is unusable."""
-    reply = await llm.chat(rewrite_messages(problem, persona), kind="rewrite")
-    return parse_rewrite(reply.text) if reply.finish_reason != "length" else None
-
-
-async def personas_for(llm: LLMClient, row: dict, pool, k: int, seed: int) -> list:
-    """k personas for one question: drawn from the pool, or proposed by the LLM when there is none."""
-    from .personas import choose, proposed
-
-    if pool is not None:
-        return choose(pool, row["id"], k, seed)
-    reply = await llm.chat(propose_messages(row["problem"], k), kind="propose")
-    return [proposed(text) for text in parse_personas(reply.text, k)]
-
-
-async def persona_variants(llm: LLMClient, grader: "AsyncGrader", row: dict, pool, k: int, seed: int, stage: str,
-                           fix=None) -> "Outcome":
-    """Rewrite one solved question through k personas and solve each rewrite afresh; a rewrite is kept
-    if its answer is the question's gold one. `fix(problem, wrong)` may turn a wrong solution into a
-    correct one, returning (response, correct, the wrong attempt the response refers to or None)."""
-    personas = await personas_for(llm, row, pool, k, seed)
-
-    async def one(j, persona):
-        base = {"id": f"{row['id']}#p{j}", "parent_id": row["id"], "source": row["source"], "persona": persona.text,
-                "persona_id": persona.id, "gold": row["gold"]}
-        problem = await rewrite(llm, row["problem"], persona.text)
-        if problem is None:
-            return None, {**base, "reason": "unusable rewrite"}
-        invalid = rewrite_problem(row["problem"], problem, row["gold"])
-        if invalid:  # rejected before a request is spent on solving it
-            return None, {**base, "problem": problem, "reason": invalid}
-        response, correct = await solve(llm, grader, row["source"], problem, row["gold"])
-        versions, wrong_attempt = f"{REWRITE.version}+{SOLVE.version}", None
-        if not correct and fix is not None:
-            response, correct, wrong_attempt = await fix(problem, response)
-            versions += f"+{REFLECT.version}"
-        if not correct:
-            return None, {**base, "problem": problem, "response": response, "reason": "rewrite solved wrong"}
-        return {**base, "stage": stage, "problem": problem, "response": response, "wrong_attempt": wrong_attempt,
-                "level": row.get("level"), "subject": row.get("subject"), "model": llm.model,
-                "prompt_version": versions}, None
-
-    results = await asyncio.gather(*(one(j, p) for j, p in enumerate(personas)))
-    return Outcome(attempted=len(personas), kept=[k for k, _ in results if k], rejected=[r for _, r in results if r])
-
-
-# ---------------------------------------------------------------------------------------------
-# grading, off the event loop
-
-
-class GradingFailed(Exception):
-    """Grading failed on too many answers (GradingTally.count): the stage stops."""
-
-
-@dataclass
-class GradingTally:
-    """The answers a stage had math-verify grade, and the failures among them: its stats' "grading"."""
-    graded: int = 0
-    errors: int = 0
-    examples: list[str] = field(default_factory=list)  # the first few error messages
-
-    def count(self, error: str | None) -> None:
-        """Count one grading. Raise GradingFailed once the failures are more than 1% of the answers graded
-        and more than one: one odd answer may time out, a second so soon is math-verify failing here.
-        A failed grading counts as a wrong answer, so going on would spend every attempt and reflection
-        on questions already solved, and keep nothing."""
-        self.graded += 1
-        if error is None:
-            return
-        self.errors += 1
-        if len(self.examples) < 3:
-            self.examples.append(error)
-        if self.errors > max(1, self.graded / 100):
-            raise GradingFailed(f"grading failed on {self.errors} of the {self.graded} answers graded so far, "
-                                f"first with: {self.examples[0]}")
-
-
-class AsyncGrader:
-    """math-verify (the `verify` grader) in worker processes, awaited without blocking other requests."""
-
-    def __init__(self, timeout: float, answer_format: str = "boxed"):
-        self.timeout, self.answer_format = timeout, answer_format
-        self.pool = grader.grading_pool()
-        self.tally = GradingTally()
-
-    async def correct(self, task: str, completion: str, gold: str, problem: str) -> bool:
-        """Whether the completion's final answer (parser.final_answer: the last `\\boxed{}`, or with
-        answer_format "stated" also a closing "The final answer is X" line) equals the gold. Without a
-        final answer, math-verify would fall back to any number in the text: a lucky match, not a
-        solution. An answer that restates an expression of the problem is not a solution either.
-        Raises GradingFailed when grading fails too often."""
-        from concurrent.futures import TimeoutError as FutureTimeout
-
-        from pebble import ProcessExpired
-
-        answer = parser.final_answer(completion, self.answer_format)
-        if answer is None or parser.restates_problem(answer, problem, gold):
-            return False
-        future = self.pool.schedule(grader.verify_safely, args=(task, f"\\boxed{{{answer}}}", gold),
-                                    timeout=self.timeout)
-        try:
-            verdict = await asyncio.wrap_future(future)
-        except (FutureTimeout, ProcessExpired) as err:
-            verdict = grader.failed_verdict(err, self.timeout)
-        self.tally.count(verdict.error)
-        return verdict.correct
-
-    def close(self) -> None:
-        self.pool.close()
-        self.pool.join()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +170,10 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
                        grading_failed=grading_failed)
 
 
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
 def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient, rejected_name: str,
                 grading: GradingTally, extra: dict | None = None, rows_required: bool = True) -> int:
     """Write NAME.jsonl, the rejected rows and NAME.stats.json; print the yield; return the exit status."""
@@ -381,7 +198,7 @@ def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient
           f"spend {llm.ledger.spend_text()} -> {output_dir / (name + '.jsonl')}")
     if result.stalled:
         if llm.transport is not None:  # batch mode: the batches, not a server's log, are what to look at
-            resume = (f"every batch submitted is recorded in {output_dir / batch.STATE_FILE}, so the same command "
+            resume = (f"every batch submitted is recorded in {output_dir / STATE_FILE}, so the same command "
                       f"resumes polling them without resubmitting")
         else:
             resume = ("the same command resumes. Check that the server is alive and see its log; a server that runs "
@@ -415,8 +232,9 @@ def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient
     return 0
 
 
-def print_estimate(name: str, llm: LLMClient, requests: list, note: str = "") -> None:
-    """--dry_run output: the requests the stage would send and their estimated cost."""
+def print_estimate(name: str, llm: LLMClient, requests: list, output_dir: Path, note: str = "") -> None:
+    """--dry_run output: the requests the stage could send (each one it may need) and their estimated
+    cost, printed and written to OUTPUT_DIR/NAME.estimate.json (read by chain.py --dry_run)."""
     est = llm.estimate(requests)
     transport = getattr(llm, "transport", None)
     if transport is not None:  # --batch: at batch prices
@@ -426,6 +244,8 @@ def print_estimate(name: str, llm: LLMClient, requests: list, note: str = "") ->
     print(f"{name} --dry_run: {est['requests']} requests ({est['cached']} cached, {est['to_send']} to send); "
           f"~{est['prompt_tokens_est']:,} prompt + ~{est['completion_tokens_est']:,} completion tokens; "
           f"estimated cost {cost} for {llm.model}{prices}{note}")
+    write_json(Path(output_dir) / f"{name}.estimate.json", {"stage": name, "model": llm.model, **est,
+                                                            "batch_prices": transport is not None})
 
 
 def read_stage_rows(path) -> list[dict]:
