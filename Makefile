@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The main job: the whole chain on the embedded model (chain.py; everything under runs/$(NAME)/).
-# Sizes are chain.py flags, e.g. make run CHAIN_ARGS="--n_gsm8k 200 --n_math 200 --eval_gsm8k 100".
+# Sizes are recipe overrides, e.g. make run CHAIN_ARGS="chain.n_gsm8k=200 chain.n_math=200 eval_gsm8k.limit=100".
 NAME ?= embedded
 CHAIN_ARGS ?=
 

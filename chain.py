@@ -234,7 +234,7 @@ class Chain:
             process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
             code = self.watch(name, process, log, started)
-        self.record_spend(name, started)
+        self.record_spend(name, started, command)
         if code == EXIT_BUDGET and self.args.max_cost is not None:
             raise UserError(f"step {name} stopped at the chain's budget: spent at most ${self.spent():.4f} of "
                             f"--max_cost ${self.args.max_cost} (each request is reserved at its worst case before "
@@ -275,8 +275,10 @@ class Chain:
     def spend_log(self) -> list[dict]:
         return json.loads(self.spend_file.read_text()) if self.spend_file.exists() else []
 
-    def record_spend(self, name: str, started: float) -> None:
-        """Add what a run of a paid step spent (its stats' spent_usd_at_most, written by this run)."""
+    def record_spend(self, name: str, started: float, command: list) -> None:
+        """Add what a run of a paid step spent: its stats' spent_usd_at_most, written by this run. A run
+        that had a cap and wrote no account (killed, or the judge stopped at its cap, which writes nothing)
+        is counted at its whole cap: at most, so the budget still holds."""
         files = [self.run_dir / "gen" / f"{stem}.stats.json" for stem in GEN_STATS.get(name, [])]
         if name == "build_dataset":
             files = [self.run_dir / "dataset" / "stats.json"]
@@ -285,6 +287,11 @@ class Chain:
             fresh = [s["decontamination"]["judge"] for s in fresh if (s.get("decontamination") or {}).get("judge")]
         # a stage's client counts its spend over all its phases: its last stats hold the total
         spent = max((s.get("spent_usd_at_most") or 0.0 for s in fresh), default=0.0)
+        words = list(map(str, command))
+        cap = next((float(words[i + 1]) for i, w in enumerate(words) if w in ("--max_cost", "--judge_max_cost")), None)
+        if not fresh and cap is not None:
+            print(f"[chain] {name}: wrote no account of its spending: counted at its whole cap, ${cap:.6f}", flush=True)
+            spent = cap
         if spent:
             self.spend_file.write_text(json.dumps([*self.spend_log(), {"step": name, "spent_usd_at_most": spent,
                                                                          "at": time.time()}], indent=1))

@@ -33,12 +33,18 @@ def tiny_base(tmp_path_factory, embedded_model):
     return make_tiny_llama(tmp_path_factory.mktemp("base") / "model", tokenizer_dir=embedded_model)
 
 
+def small(url, base_model, model="fake-llm") -> list[str]:
+    """The embedded recipe, made small and pointed at the fake server: overrides of its sections."""
+    return [f"chain.n_gsm8k={N_GSM8K}", f"chain.n_math={N_MATH}", "chain.serve_embedded=false",
+            f"x-llm.base_url={url}", f"x-llm.model={model}", "gen_cot.num_samples=1", "persona_augment.k=2",
+            "reflection.k=2", f"train.model_name_or_path={base_model}", "train.num_train_epochs=1",
+            f"eval_gsm8k.limit={N_EVAL}", f"eval_math.limit={N_EVAL}", "x-eval.max_tokens=16", "build_dataset.judge=llm",
+            f"build_dataset.judge_model={model}", f"build_dataset.judge_base_url={url}"]
+
+
 def chain(runs_dir, url, base_model, *extra):
-    return run_script("chain.py", "--runs_dir", str(runs_dir), "--name", "small", "--n_gsm8k", str(N_GSM8K),
-                      "--n_math", str(N_MATH), "--num_samples", "1", "--k1", "2", "--k2", "2", "--llm_url", url,
-                      "--llm_model", "fake-llm", "--base_model", str(base_model), "--epochs", "1",
-                      "--eval_gsm8k", str(N_EVAL), "--eval_math", str(N_EVAL), "--eval_max_tokens", "16",
-                      "--progress_interval", "2", "--decontam_judge", "llm", *extra, timeout=900)
+    return run_script("chain.py", "--runs_dir", str(runs_dir), "--name", "small", "--progress_interval", "2",
+                      *small(url, base_model), *extra, timeout=900)
 
 
 def count(path) -> int:
@@ -55,13 +61,13 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     run, gen = tmp_path / "small", tmp_path / "small/gen"
     # One address for the three runs, as a user's --llm_url is: the judge's cache is keyed by it.
     fake = FakeServerConfig(problems=train_problems, port=free_port())
-    # A failing step (here training, given an option train.py does not know) stops the chain with
-    # its log's tail; what finished is kept, and the rerun resumes at that step.
+    # A failing step (here training, whose rows cannot fit one token) stops the chain with its log's
+    # tail; what finished is kept, and the rerun resumes at that step.
     with start_in_thread(fake) as server:
-        failed = chain(tmp_path, server.url, tiny_base, "--train_args", "--no_such_option 1")
+        failed = chain(tmp_path, server.url, tiny_base, "train.model_max_length=1")
         assert server.stats()["requests"] > 0
     assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
-    assert "error: step train failed" in failed.stderr and "no_such_option" in failed.stderr
+    assert "error: step train failed" in failed.stderr and "model_max_length 1" in failed.stderr
     assert "run the same command again to resume from train" in failed.stderr
     assert (run / ".done/build_dataset").exists() and not (run / ".done/train").exists()
     with start_in_thread(fake) as server:
@@ -83,7 +89,7 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     assert count(gen / "reflection.jsonl") == stats("reflection")["kept"] > 0
     assert count(gen / "reflection_persona.jsonl") == stats("reflection_persona")["kept"]
     assert stats("reflection_persona")["inputs"] == stats("reflection")["kept"]
-    # The recipe's reflection_format, solution: the corrected solution alone, no attempt to show.
+    # The recipe's reflection format, solution: the corrected solution alone, no attempt to show.
     assert all(r["wrong_attempt"] is None and not r["response"].startswith("Reflection:")
                for r in read_jsonl(gen / "reflection.jsonl"))
     # build_dataset read exactly the kept rows of the four stages; train.py trained on its rows.
@@ -95,7 +101,8 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     assert dataset["kept"]["total"] == count(run / "dataset/PersonaMathQA.jsonl") > 0
     assert json.loads((run / "train/train_data_stats.json").read_text())["examples"] == dataset["kept"]["total"]
     assert (run / "train/model.safetensors").is_file()
-    # Both models evaluated on both tasks, each under its own name, and the report shows them.
+    # Both models evaluated on both tasks (one engine each: evaluate.py), each under its own name, and
+    # the report shows them.
     base, trained = tiny_base.name, f"PersonaMath-{tiny_base.name}"
     for label in (base, trained):
         for task in ("gsm8k", "math"):
@@ -116,19 +123,25 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     assert re.search(r"^gen_cot: 100%\|.*\| (\d+)/\1 .*kept \d+, [\d.]+ output tok/s", (run / "logs/gen_cot.log")
                      .read_text(), re.M)
 
-    # The resolved recipe was written, and the steps ran with its settings, not with defaults of their own.
+    # The recipe as run was written, every step was handed it, and each script wrote the settings it used
+    # beside its outputs: the recipe's, not defaults of its own, and no setting passed by the chain.
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    settings = recipe["settings"]
-    assert {"n_gsm8k", "n_math", "num_samples", "llm_url", "epochs"} <= set(recipe["overridden_on_the_command_line"])
-    assert settings["n_gsm8k"] == N_GSM8K and recipe["notes"]["max_length"]
-    command, env = json.loads((run / ".done/train").read_text())
-    assert command[1] == f"run_zero{settings['zero_stage']}.sh"
-    for knob, key in (("MAX_LENGTH", "max_length"), ("GRAD_ACCUM", "grad_accum"), ("SAVE_STEPS", "save_steps"),
-                      ("WARMUP", "warmup"), ("PACKING", "packing"), ("PRECISION", "precision"), ("SEED", "seed")):
-        assert env[knob] == str(settings[key]), knob
-    command, _ = json.loads((run / ".done/eval_base_math").read_text())
-    assert command[command.index("--protocol") + 1] == settings["protocol"]
-    assert command[command.index("--data_file") + 1] == str(ROOT / settings["math_test_file"])
+    assert recipe["chain"]["n_gsm8k"] == N_GSM8K and recipe["notes"]["train"]["model_max_length"]
+    command, env, _ = json.loads((run / ".done/train").read_text())
+    assert command[1:] == [f"run_zero{recipe['chain']['zero_stage']}.sh", "--config", str(run / "recipe.yaml"),
+                           "--model_name_or_path", str(tiny_base), "--data_path", str(run / "dataset/PersonaMathQA.jsonl"),
+                           "--output_dir", str(run / "train")]
+    assert set(env) == {"NUM_GPUS", "PRECISION", "DEEPSPEED", "PATH"}  # the launcher's own choices only
+    for path, section in ((run / "train/settings.train.yaml", "train"), (gen / "settings.reflection.yaml", "reflection"),
+                          (run / f"eval/{base}/math/settings.eval_math.yaml", "eval_math"),
+                          (run / "dataset/settings.build_dataset.yaml", "build_dataset")):
+        used = yaml.safe_load(path.read_text())
+        assert used["config"] == str(run / "recipe.yaml") and used["section"] == section, path
+        for key, value in recipe[section].items():
+            if key not in ("model_name_or_path", "base_url", "judge_base_url") and value is not None:
+                assert used["settings"][key] == value and key in used["from"]["recipe"], (path, key)
+    command, _, _ = json.loads((run / ".done/eval_base").read_text())
+    assert "evaluate.py" in command[1] and command[command.index("--tasks") + 1:] == ["gsm8k", "math"]
 
     # Every output that carries a number says what made it: this checkout's commit, the versions, the device.
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -186,7 +199,7 @@ def test_chain_with_nothing_kept_stops_clearly_and_keeps_what_finished(tmp_path,
         assert "the generation stages kept no row" in rerun.stderr
         # With more attempts the stages run again, and only the new attempts are sent (the rest is cached).
         server.reset_stats()
-        more = chain(tmp_path, server.url, tiny_base, "--num_samples", "2")
+        more = chain(tmp_path, server.url, tiny_base, "gen_cot.num_samples=2")
         assert server.stats()["by_kind"]["solve"] == N_GSM8K + N_MATH
     assert more.returncode == 2 and "gen_cot: running" in more.stdout
 
@@ -194,10 +207,11 @@ def test_chain_with_nothing_kept_stops_clearly_and_keeps_what_finished(tmp_path,
 def test_chain_starts_generates_through_and_stops_the_embedded_server(tmp_path, tiny_base):
     """The main command's own path: with no --llm_url, chain.py starts vLLM's server on the embedded
     SmolLM2, generates through it over real HTTP, and stops it, whatever the model's (low) yield."""
-    result = run_script("chain.py", "--runs_dir", str(tmp_path), "--name", "embedded", "--n_gsm8k", "0",
-                        "--n_math", "3", "--num_samples", "2", "--max_tokens", "128", "--k1", "1", "--k2", "1",
-                        "--reflect_limit", "2", "--base_model", str(tiny_base), "--epochs", "1",
-                        "--eval_gsm8k", "2", "--eval_math", "2", "--eval_max_tokens", "8", timeout=900)
+    result = run_script("chain.py", "--runs_dir", str(tmp_path), "--name", "embedded", "chain.n_gsm8k=0",
+                        "chain.n_math=3", "gen_cot.num_samples=2", "x-llm.max_tokens=128", "persona_augment.k=1",
+                        "reflection.k=1", "reflection.limit=2", f"train.model_name_or_path={tiny_base}",
+                        "train.num_train_epochs=1", "eval_gsm8k.limit=2", "eval_math.limit=2", "x-eval.max_tokens=8",
+                        timeout=900)
     run = tmp_path / "embedded"
     assert "[chain] starting the embedded LLM server" in result.stdout, result.stderr[-3000:]
     assert "[chain] embedded LLM server stopped" in result.stdout and not (run / "server.json").exists()
@@ -217,3 +231,51 @@ def test_chain_starts_generates_through_and_stops_the_embedded_server(tmp_path, 
         assert result.returncode == 0 and (run / "report.md").exists(), result.stderr[-3000:]
     else:
         assert result.returncode == 2 and "the generation stages kept no row" in result.stderr
+
+
+def test_chain_budget_and_dry_run_against_what_the_server_billed(tmp_path, train_problems, tiny_base):
+    """--dry_run sends nothing and bounds the requests; --max_cost is one budget for the whole chain: the
+    chain stops, resumable, before a request that does not fit, and a rerun with more pays nothing twice.
+    Checked against the fake server's own count of the tokens it billed."""
+    from personamath.llm import cost_of, price_of
+
+    price = price_of("gpt-4o-mini", "https://api.openai.com/v1")
+    fake = FakeServerConfig(problems=train_problems, port=free_port())
+    run = tmp_path / "small"
+
+    def priced(*extra):  # training cannot start (no row fits one token): the test stops after generation
+        return chain(tmp_path, server.url, tiny_base, *small(server.url, tiny_base, model="gpt-4o-mini"),
+                     "train.model_max_length=1", *extra)
+
+    def billed() -> float:
+        usage = server.stats()["usage"]
+        return cost_of(price, usage["prompt_tokens"], usage["completion_tokens"])
+
+    with start_in_thread(fake) as server:
+        dry = priced("--dry_run")
+        assert dry.returncode == 0 and server.stats()["requests"] == 0, dry.stderr[-3000:]
+        bound = int(re.search(r"chain --dry_run: at most ([\d,]+) requests to send, estimated cost \$([\d.]+)",
+                              dry.stdout)[1].replace(",", ""))
+        gen_cot_planned = int(re.search(r"gen_cot --dry_run: (\d+) requests", dry.stdout)[1])
+        assert gen_cot_planned == N_GSM8K + N_MATH  # one attempt per question (gen_cot.num_samples=1)
+
+        cap = 0.0006
+        stopped = priced("--max_cost", str(cap))
+        assert stopped.returncode == 2 and "stopped at the chain's budget" in stopped.stderr, stopped.stderr[-3000:]
+        assert 0 < billed() <= cap
+        spent = json.loads((run / "spend.json").read_text())
+        assert billed() <= sum(e["spent_usd_at_most"] for e in spent) <= cap  # the stages' bound holds the bill
+
+        first_bill, cap = billed(), 0.05
+        resumed = priced("--max_cost", str(cap))  # goes on to training, which fails by design
+        assert "error: step train failed" in resumed.stderr, resumed.stderr[-3000:]
+        assert billed() <= cap and server.stats()["by_kind"]["solve"] >= gen_cot_planned
+        by_kind = server.stats()["by_kind"]
+        generation = sum(n for kind, n in by_kind.items() if kind != "judge")
+        assert 0 < generation <= bound, by_kind  # the dry run's bound held (the judge comes on top, as it says)
+        build_log = (run / "logs/build_dataset.log").read_text().splitlines()[0]
+        assert "--judge_max_cost" in build_log  # the judge, too, spends from what is left
+        left = float(build_log.split("--judge_max_cost ")[1].split()[0])
+        assert left == pytest.approx(cap - sum(e["spent_usd_at_most"] for e in json.loads(
+            (run / "spend.json").read_text()) if e["step"] != "build_dataset"), abs=1e-6)
+    assert first_bill > 0

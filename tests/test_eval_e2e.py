@@ -2,8 +2,9 @@
 import json
 
 import pytest
+import yaml
 
-from conftest import DATA, run_script
+from conftest import DATA, run_here, run_script
 
 from personamath.evaluation import build_parser, run
 from personamath.jsonl import read_jsonl, write_jsonl
@@ -113,3 +114,48 @@ def test_grading_errors_are_counted_per_grader(tmp_path):
     assert summary["correct"] == {"paper": 1, "verify": 1}
     assert "grading errors (exceptions, timeouts, crashes; graded wrong): paper 1, verify 1" in (
         tmp_path / "out" / "summary.md").read_text()
+
+
+def eval_recipe(path, gsm8k: dict | None = None, math: dict | None = None):
+    """A recipe with both eval sections, small enough for a CPU; `gsm8k` / `math` override a section's keys."""
+    shared = {"protocol": "ours", "max_tokens": 24, "limit": 3, "tensor_parallel_size": 1, "sampling_seed": 0}
+    path.write_text(yaml.safe_dump({
+        "eval_gsm8k": {**shared, "data_file": "data/GSM8K_test.jsonl", **(gsm8k or {})},
+        "eval_math": {**shared, "data_file": "data/math/math500_test.jsonl", **(math or {})}}))
+    return path
+
+
+@pytest.mark.slow
+def test_evaluate_one_engine_matches_the_scripts_apart(tmp_path, embedded_model):
+    """evaluate.py (one engine for both test sets) writes the rows and verdicts that eval_gsm8k.py and
+    eval_math.py write run apart (an engine each), from the same recipe."""
+    recipe = str(eval_recipe(tmp_path / "recipe.yaml"))
+    together, apart = tmp_path / "together", tmp_path / "apart"
+    result = run_script("evaluate.py", "--config", recipe, "--model", str(embedded_model), "--output_dir", str(together))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for task in ("gsm8k", "math"):
+        result = run_script(f"eval_{task}.py", "--config", recipe, "--model", str(embedded_model),
+                            "--output_dir", str(apart / task))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    keys = ("id", "completion", "paper_correct", "verify_correct", "paper_extracted", "verify_extracted")
+    for task in ("gsm8k", "math"):
+        rows, summary = check_outputs(together / task, task, 3)
+        rows_apart, summary_apart = check_outputs(apart / task, task, 3)
+        assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in rows_apart], task
+        assert summary["correct"] == summary_apart["correct"]
+        assert summary["generation"]["sampling"] == summary_apart["generation"]["sampling"]
+        assert summary["generation"]["sampling"]["max_tokens"] == 24  # the recipe's section was read
+        settings = yaml.safe_load((together / task / f"settings.eval_{task}.yaml").read_text())
+        assert settings["config"] == recipe and settings["section"] == f"eval_{task}"
+        assert {"data_file", "limit", "max_tokens", "protocol"} <= set(settings["from"]["recipe"])
+
+
+@pytest.mark.parametrize("setting", ["tensor_parallel_size", "sampling_seed"])
+def test_evaluate_refuses_sections_asking_for_different_engines(tmp_path, setting):
+    """One engine serves both test sets: sections that want different engines are refused before one starts."""
+    recipe = eval_recipe(tmp_path / "recipe.yaml", math={setting: 2})
+    result = run_here("evaluate.py", "--config", recipe, "--model", tmp_path / "no-model", "--output_dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"eval_gsm8k and eval_math ask for different {setting}" in result.stderr
+    assert not (tmp_path / "out").exists()
