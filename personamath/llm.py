@@ -1,11 +1,13 @@
 """The LLM layer of the generation stages: an async OpenAI-compatible client that never loses or re-pays work.
 
 - Concurrency and pacing (ratelimit.py): at most `--concurrency` requests in flight, a ceiling. A
-  server that reports its rate limits (x-ratelimit-* headers, as OpenAI's do) is paced under them:
-  an attempt goes only when its request and estimated tokens fit what the server has left, so fewer
-  are in flight when the limits bind; a 429 halves the concurrency and holds new attempts for its
-  Retry-After. A server without those headers (a local vLLM) gets plain concurrency, after at most
-  16 requests until its first answer. `--pacing off`: plain concurrency whatever the server says.
+  server's rate limits are met by a steady send rate, each attempt a set time after the one before
+  (never a burst of what the headers say remains): the rate follows the limits the x-ratelimit-*
+  headers report, less what other clients of the key take; a 429 lowers it and holds new attempts for
+  its Retry-After, and it climbs back gradually. A server without those headers and without 429s (a
+  local vLLM) is not paced: the concurrency doubles each round up to the ceiling. A stage that the
+  server has refused everything for --stall_timeout stops, naming the limits. `--pacing off`: plain
+  concurrency whatever the server says.
 - Retries, each attempt its own: exponential backoff that honours Retry-After for 408, 409, 429,
   5xx, timeouts, connection errors and answers that arrive broken (malformed JSON, no choices). Any
   other 4xx (context too long, content filtered) is final: LLMRejected, the item is rejected.
@@ -269,6 +271,7 @@ class LLMClient:
         # --- batch-mode hook (personamath/batch.py): awaited on a cache miss instead of sending ---
         self.transport = None  # async (key, body, kind) -> Reply, or None: send it online after all
         self.in_flight = 0  # requests sent and not answered yet
+        self.throttled = 0  # requests waiting out a 429's Retry-After
         self.waiting_since = time.monotonic()  # the last answer from the server, or when requests began waiting
 
     def _ensure_client(self):
@@ -333,6 +336,18 @@ class LLMClient:
         """Seconds that requests have been waiting with no answer from the server (0 when none waits)."""
         return time.monotonic() - self.waiting_since if self.in_flight else 0.0
 
+    def refused_for(self) -> float:
+        """Seconds since the server last accepted a request, when it has refused (429) every one since,
+        or every request waits out a 429's Retry-After; else 0."""
+        limiter = self._limiter
+        if limiter is None or not (limiter.refused_since or (self.throttled and not self.in_flight)):
+            return 0.0
+        return limiter.clock() - limiter.last_accepted_at
+
+    def limits_seen(self) -> str:
+        """The rate limits the server reported and its 429s, for messages."""
+        return self._limiter.describe() if self._limiter is not None else "no answer yet"
+
     def _reserve(self, body: dict) -> float:
         """Reserve the worst case of one attempt against --max_cost, or refuse to send it."""
         if self.max_cost is None:
@@ -391,6 +406,17 @@ class LLMClient:
             failures += not was_throttled
             if failures > self.max_retries or throttled > THROTTLED_RETRIES_PER_RETRY * (self.max_retries + 1):
                 break
+            if was_throttled:  # waiting on the limits, not on the server: the stall watchdog does not count it
+                self.in_flight -= 1
+                self.throttled += 1
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self.throttled -= 1
+                    if not self.in_flight:
+                        self.waiting_since = time.monotonic()
+                    self.in_flight += 1
+                continue
             await asyncio.sleep(delay)
         self.ledger.failed += 1
         raise LLMError(f"{problem}, after {failures + throttled} attempts ({throttled} answered 429)")

@@ -1,26 +1,35 @@
-"""Pacing under a server's rate limits, read from the x-ratelimit-* headers of its answers.
+"""Pacing under a server's rate limits: a steady send rate under the limits, lowered when the server
+says it is too much.
 
-An OpenAI-compatible server that enforces requests-per-minute (RPM) and tokens-per-minute (TPM)
-limits reports them on every answer, and answers 429 with Retry-After beyond them:
+A provider limits requests per minute (RPM) and tokens per minute (TPM; a request counts its prompt
+and all of its max_tokens). It may enforce them over the minute or over shorter slices of it (OpenAI:
+"60,000 RPM may be enforced as 1,000 requests/second"), count refused requests against the limit,
+report the limits on every answer or not, and be shared by other clients of the same key:
 
     x-ratelimit-limit-requests     x-ratelimit-limit-tokens      the limits
     x-ratelimit-remaining-requests x-ratelimit-remaining-tokens  what is left, this request counted
     x-ratelimit-reset-requests     x-ratelimit-reset-tokens      until all of it is back: "1s", "6m0s", "20ms"
 
-Both limits behave as token buckets: a request takes 1 from the request bucket and its tokens (its
-prompt and its max_tokens, which the server counts in full) from the token bucket, and both refill
-continuously, the whole limit in a window (a minute at OpenAI; reset = used / limit * window, from
-which the window is read, so a server with a shorter window is paced right too).
+What holds in every one of those cases is a send rate, not a count: RateLimiter lets each attempt go
+`1 / rate` seconds after the one before it (and `tokens / token_rate` for the tokens), so requests are
+spread over time and never burst, whatever the headers say is left. The rates come from:
 
-RateLimiter keeps a model of both buckets, corrected by every answer to what the server said it had
-when it counted that request, and lets an attempt go only when it fits in both (keeping back what
-refills in RESERVE_S): requests and estimated tokens sent stay under what the server has left, so
-the requests in flight rise and fall with the limits, up to the --concurrency ceiling. A 429 halves
-the attempts allowed out at once (once per round of attempts) and holds every attempt until its
-Retry-After has passed; each later answer below 400 raises that number again, by one (the limits
-known: the buckets pace) or by one per round of answers (only 429s to go by, as TCP does). Until the
-first answer says whether the server reports limits, at most INITIAL_CONCURRENCY attempts go out; a
-server that reports none (a local vLLM) then gets plain concurrency: the ceiling, no pacing.
+- the headers' limits: TARGET_SHARE of each limit's rate (the limit per window; the window is read
+  from the reset header where it can be, else a minute), from the first answer on, less what other
+  clients of the same key take (Shares: the remaining count falls faster than this client's own
+  sending explains), never below MIN_SHARE of it;
+- 429s: each multiplies the rates by DECREASE (once per round of attempts, and once per LOWER_GAP_S
+  after the pause) and holds every attempt until its Retry-After; without headers, the first 429
+  starts a pace under the rate the server took. The rate then climbs back by RECOVERY of its target a
+  second (additive increase, multiplicative decrease: clients sharing a limit converge to equal
+  shares); without a target, slowly near the rate of the last 429, so that probing above it costs a
+  429 now and then, not a stream of them;
+- the headers' remaining at (or near) zero, which says the limit is reached before a 429 does: the
+  rates are lowered by LOW_DECREASE, at most once a second.
+
+Until the first answer, at most INITIAL_CONCURRENCY attempts go out. A server that reports no limits
+and has answered no 429 (a local vLLM) is not paced: the concurrency grows by one an answer (doubling
+each round, as TCP's slow start) up to the --concurrency ceiling.
 """
 import asyncio
 import math
@@ -30,16 +39,27 @@ from collections import deque
 from dataclasses import dataclass, field
 
 KINDS = ("requests", "tokens")
-INITIAL_CONCURRENCY = 16  # in flight before the first answer tells whether the server has limits
+INITIAL_CONCURRENCY = 4  # attempts out before the first answer says whether the server has limits
+TARGET_SHARE = 0.98  # of a reported limit's rate: what the jitter of arrival times leaves to spare
 DEFAULT_WINDOW = 60.0  # seconds a limit takes to refill from empty: RPM and TPM are per minute
-MIN_WINDOW, MAX_WINDOW = 0.05, 60.0  # bounds on the window read from the headers
-MIN_RESET = 0.05  # a shorter reset is too coarse (headers round it to the ms) to read the window from
-MIN_USED = 10  # nor from fewer units used (remaining is rounded down): the window is read within 10%
-RESERVE_S = 0.1  # what the limits refill in this long is kept back, for the jitter of when the server counts
-RESERVE_SHARE = 0.05  # but never more than this share of a limit
-SKEW_S = 0.5  # an attempt sent this soon before another may reach the server after it
+MIN_WINDOW, MAX_WINDOW = 1.0, 60.0  # a window read from the headers outside these is not believed
+MIN_USED = 10  # a window is read only from this many units used (remaining is rounded down: within 5%)
+MIN_RESET = 0.05  # nor from a shorter reset (headers round it to the millisecond)
+WINDOW_READINGS = 5  # the window believed is the median of this many readings
+DECREASE = 0.85  # a 429: the rates times this
+LOW_DECREASE = 0.95  # the headers' remaining near zero: the rates times this, at most once a second
+LOW_REMAINING = 0.02  # "near zero": this share of the limit (at least one request's cost)
+RECOVERY = 0.05  # after a decrease the rates climb back by this share of their target a second
+NEAR = 0.97  # within this share of the rate of the last 429 ...
+NEAR_RECOVERY = 0.003  # ... they climb by this share of it a second (probing, gently)
+LOWER_GAP_S = 1.0  # a 429 lowers the rates at most once this long after the last decrease's pause
+PROBE_GROWTH = 0.2  # no limit known yet (a 429 while sending in bursts): the rates grow this share a second
+CATCH_UP_S = 0.05  # lateness the pace makes up for (a short burst), so that it does not fall behind
+SMOOTHING = 0.1  # the latency and the tokens of a request are averages over about this many answers, inverted
+SHARES_S = 1.0  # the others' share of a limit is read over this long
+SHARES_SMOOTHING = 0.3  # each reading moves the estimate this far
+MIN_SHARE = 0.2  # this client's target never falls below this share of the limit, however many share it  # the rate the server accepted is measured over the last this many seconds
 CHARS_PER_TOKEN = 4  # the pacing estimate of a prompt's tokens (the server's count corrects it)
-MESSAGE_TOKENS = 4  # the chat format's tokens around each message
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|μs|ns)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
@@ -70,84 +90,146 @@ def _number(text) -> float | None:
 
 
 def request_tokens(body: dict) -> int:
-    """The tokens a request counts against a TPM limit, estimated: its prompt at CHARS_PER_TOKEN
-    characters a token plus the chat format, and all of its max_tokens."""
+    """The tokens a request counts against a TPM limit, estimated as OpenAI's limiter does: its prompt's
+    characters at CHARS_PER_TOKEN a token, and all of its max_tokens."""
     chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else len(str(m.get("content") or ""))
                 for m in body["messages"])
     limit = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    return -(-chars // CHARS_PER_TOKEN) + MESSAGE_TOKENS * (len(body["messages"]) + 1) + limit
+    return -(-chars // CHARS_PER_TOKEN) + limit
+
+
+def smooth(average: float | None, value: float) -> float:
+    return value if average is None else average + SMOOTHING * (value - average)
 
 
 @dataclass
-class Bucket:
-    """One limit as the client sees it: None until a header names it (then it is never waited for)."""
-    limit: float | None = None
-    window: float = DEFAULT_WINDOW  # seconds to refill from empty
-    level: float = 0.0  # what the server has left, as of `stamp`, by the model
-    stamp: float = 0.0
-    corrected: float = 0.0  # every correction ever applied from the headers
+class Pace:
+    """One limit's send rate, in units (requests, or tokens) a second; None: not paced."""
+    limit: float | None = None  # from the headers
+    target: float | None = None  # TARGET_SHARE of limit / window, less what other clients of the key send
+    others: float = 0.0  # what other clients of the same key send, a second (Shares)
+    rate: float | None = None  # what is sent at now
+    refused_at: float | None = None  # the rate of the last 429 (or near-zero remaining)
+    next_at: float = 0.0  # when the next attempt may go, by this limit
+    climbed_at: float = 0.0  # the last time the rate climbed
+    unpaced: float = 0.0  # units sent before there was a rate, within a second of each other
+    unpaced_at: float = -math.inf  # when the last of them went
+    lowered_at: float = -math.inf  # the last time the remaining headers lowered it
 
-    @property
-    def rate(self) -> float:
-        return self.limit / self.window
+    def wait(self, now: float) -> float:
+        return 0.0 if self.rate is None else max(0.0, self.next_at - now)
 
-    def refill(self, now: float) -> None:
-        if self.limit is not None and now > self.stamp:
-            self.level = min(self.limit, self.level + (now - self.stamp) * self.rate)
-        self.stamp = max(self.stamp, now)
+    def take(self, cost: float, now: float) -> None:
+        """The next attempt goes cost / rate after this one's turn: an attempt that went late (the event
+        loop is busy, a sleep overshoots) does not push the ones after it back, up to CATCH_UP_S. Before
+        a rate is known, what goes is counted, for the pace to start after it."""
+        if self.rate is not None:
+            self.next_at = max(self.next_at, now - CATCH_UP_S) + cost / self.rate
+        else:
+            self.unpaced = (self.unpaced if now - self.unpaced_at < 1.0 else 0.0) + cost
+            self.unpaced_at = now
 
-    def wait(self, cost: float, now: float) -> float:
-        """Seconds until `cost` fits with the reserve left over (a cost over the whole limit fits a full
-        bucket). The reserve costs no throughput: the bucket refills at the same rate near it as near 0."""
-        if self.limit is None:
-            return 0.0
-        self.refill(now)
-        reserve = min(self.rate * RESERVE_S, self.limit * RESERVE_SHARE)
-        need = min(cost + reserve, self.limit) - self.level
-        return need / self.rate if need > 0 else 0.0
-
-    def take(self, cost: float, now: float) -> tuple[float, float]:
-        """Take `cost`; returns what the answer's headers are compared with: (level, corrected)."""
-        self.refill(now)
-        self.level -= cost
-        return self.level, self.corrected
-
-    def sync(self, limit: float, remaining: float, reset: float | None, mark: tuple, now: float,
-             uncounted: float = 0.0) -> None:
-        """Correct the model by an answer: the server had `remaining` right after counting the request
-        taken at `mark` (the model's level and corrected total then). `uncounted`: what was sent
-        just before that request and may have reached the server after it; taken as not counted yet, so
-        the model errs on the side of less."""
-        used = limit - remaining - 1  # at least this much was used (remaining is rounded down)
-        if reset is not None and reset >= MIN_RESET and used >= MIN_USED:
-            self.window = min(max(reset * limit / used, MIN_WINDOW), MAX_WINDOW)
-        remaining -= uncounted
-        level_then, corrected_then = mark
-        self.refill(now)
+    def set_limit(self, limit: float, window: float) -> None:
+        """A limit the headers reported: the target follows it; the rate starts there."""
         self.limit = limit
-        # What the model believed then, with the corrections made since, against what the server had.
-        # Before the first word on this limit the model's level is 0 less all taken, so the first
-        # correction makes it what the server had less what was sent since.
-        error = remaining - (level_then + self.corrected - corrected_then)
-        level = min(self.level + error, limit)
-        self.corrected += level - self.level
-        self.level = level
+        full = TARGET_SHARE * limit / window
+        self.target = max(full - self.others, MIN_SHARE * full)
+        if self.rate is None:  # the pace starts after what went before it (the probe)
+            self.next_at = max(self.next_at, self.unpaced_at + self.unpaced / self.target)
+        # Nothing refused yet: the rate is the target (a window read shorter than believed raises it).
+        self.rate = self.target if self.rate is None or self.refused_at is None else min(self.rate, self.target)
+
+    def lower(self, factor: float, refused_at: float | None = None) -> None:
+        """Multiplicative decrease; `refused_at`: the rate the refused attempt was sent at (a refusal
+        of an attempt sent before an earlier decrease says nothing about the rate now)."""
+        if self.rate is None:
+            return
+        self.refused_at = refused_at or self.rate
+        self.rate = max(self.rate * factor, 1e-3)
+
+    def climb(self, now: float) -> None:
+        """Additive increase: RECOVERY of the target a second, up to it; without a target (no headers),
+        RECOVERY of the last refused rate, and NEAR_RECOVERY of it near it (probing above it gently)."""
+        if self.rate is None:
+            return
+        elapsed, self.climbed_at = max(0.0, now - self.climbed_at), max(now, self.climbed_at)
+        base = self.target or self.refused_at or self.rate
+        step = RECOVERY * base if self.target or self.refused_at else PROBE_GROWTH * self.rate
+        if self.target is None and self.refused_at is not None and NEAR * self.refused_at <= self.rate:
+            # near the rate of the last 429: gently; well past it without a 429, it was no limit
+            step = NEAR_RECOVERY * self.refused_at if self.rate <= self.refused_at / NEAR else RECOVERY * self.rate
+        self.rate = self.rate + step * min(elapsed, 1.0)
+        if self.target is not None:
+            self.rate = min(self.rate, self.target)
+
+
+class Window:
+    """The seconds a limit takes to refill from empty: a minute (RPM, TPM) unless the reset headers say
+    otherwise. A reading is reset * limit / used, taken where enough is used to read it within 5%
+    (remaining is rounded down), from the limit with the most used (a provider's limits share their
+    window); the median of the last WINDOW_READINGS is believed when it is within bounds (a header that
+    reports another bucket than the limit's gives scattered readings)."""
+
+    def __init__(self):
+        self.readings = deque(maxlen=WINDOW_READINGS)
+        self.seconds = DEFAULT_WINDOW
+
+    def read(self, limit: float, remaining: float, reset: float | None) -> None:
+        used = limit - remaining - 0.5  # remaining is rounded down: used is within half a unit of this
+        if reset is None or reset < MIN_RESET or used < MIN_USED:  # too coarse to read within a few %
+            return
+        self.readings.append(reset * limit / used)
+        median = sorted(self.readings)[len(self.readings) // 2]
+        if MIN_WINDOW <= median <= MAX_WINDOW:
+            self.seconds = median
+
+
+class Shares:
+    """What other clients of the same key send, read from the headers: between two answers, the server's
+    remaining fell by what every client sent less what refilled; what this client sent in between is
+    known, the rest is the others'. Read over SHARES_S of sending, where the limit was not full (a full
+    bucket hides what was taken), smoothed."""
+
+    def __init__(self):
+        self.marks = {kind: deque() for kind in KINDS}  # (sent_at, own units sent by then, remaining)
+        self.others = dict.fromkeys(KINDS, 0.0)
+
+    def read(self, kind: str, sent_at: float, own_sent: float, limit: float, remaining: float, cost: float,
+             refill: float) -> float:
+        """The others' rate of `kind` after an answer to an attempt sent at `sent_at`, when this client
+        had sent `own_sent` units in all (that attempt included)."""
+        marks = self.marks[kind]
+        if remaining >= limit - cost:  # full: nothing to read, and the others take no share of the limit
+            marks.clear()
+            self.others[kind] *= 0.5
+            return self.others[kind]
+        marks.append((sent_at, own_sent, remaining))
+        while len(marks) > 2 and marks[1][0] <= sent_at - SHARES_S:
+            marks.popleft()
+        first = marks[0]
+        span = sent_at - first[0]
+        if span >= SHARES_S / 2:
+            taken = refill * span - (remaining - first[2])  # by every client, as the server counted
+            others = max(0.0, (taken - (own_sent - first[1])) / span)
+            self.others[kind] += SHARES_SMOOTHING * (others - self.others[kind])
+        return self.others[kind]
 
 
 @dataclass
 class Ticket:
-    """One attempt let go by the limiter: what its answer is compared with."""
+    """One attempt let go by the limiter."""
     seq: int
     tokens: int
     sent_at: float
-    marks: dict = field(default_factory=dict)  # kind -> Bucket.take's mark
+    own_sent: dict = field(default_factory=dict)  # kind -> units this client had sent, this attempt included
+    rates: dict = field(default_factory=dict)  # kind -> the pace's rate when it went
 
 
 class RateLimiter:
-    """Concurrency under a ceiling, and pacing under the limits the server reports (see the module).
+    """Concurrency under a ceiling, and pacing under the server's limits (see the module).
 
-    `async with limiter:` holds one of `ceiling` slots for a request, across its retries (a semaphore,
-    as before); `await limiter.acquire(tokens)` lets one attempt of it go when it fits the limits and
+    `async with limiter:` holds one of `ceiling` slots for a request, across its retries (a semaphore);
+    `await limiter.acquire(tokens)` lets one attempt of it go when its turn in the pace has come and
     fewer than `concurrency` attempts are out, and returns its Ticket; `limiter.answered(ticket,
     headers, status, retry_after)` reads the answer; `limiter.release(ticket)` ends the attempt,
     answered or not. Not bound to an event loop: waiters are futures of the loop that awaits."""
@@ -158,7 +240,10 @@ class RateLimiter:
         self.clock = clock
         self.concurrency = float(self.ceiling if not enabled else min(self.ceiling, INITIAL_CONCURRENCY))
         self.reports_limits = None  # None until the first answer: whether the server sends the headers
-        self.buckets = {kind: Bucket() for kind in KINDS}
+        self.paces = {kind: Pace() for kind in KINDS}
+        self.window = Window()
+        self.shares = Shares()
+        self._own_sent = dict.fromkeys(KINDS, 0.0)
         self.paused_until = 0.0  # no attempt goes before this (a 429's Retry-After)
         self.held = 0  # request slots held
         self.out = 0  # attempts let go and not released
@@ -166,9 +251,14 @@ class RateLimiter:
         self._pace_waiters = deque()  # attempts waiting to go, first come first served
         self._released = None  # a future the first of those waits on when `concurrency` attempts are out
         self._seq = 0  # attempts let go
-        self._unanswered = {}  # seq -> Ticket, in the order they went
-        self._synced = -1  # the latest attempt whose answer corrected the buckets
-        self._halved_at = -1  # the attempts let go when the concurrency was last halved
+        self._lowered_seq = -1  # the attempts let go when a 429 last lowered the rates
+        self._latency = None  # seconds from an attempt to its answer, smoothed
+        self._answers = deque()  # when the last second's answers below 400 came
+        self._lowered_at = -math.inf  # when a 429 last lowered the rates
+        self._tokens = None  # tokens of an accepted attempt, smoothed
+        self.last_accepted_at = clock()  # the latest answer below 400 (or the start)
+        self.refused_since = 0  # 429s since then
+        self.seen = {}  # the latest limit headers, for messages
         self.stats = {"rate_limited": 0, "waited_s": 0.0, "max_out": 0, "min_concurrency": self.concurrency}
 
     # --- request slots ---------------------------------------------------------------------------------
@@ -200,12 +290,11 @@ class RateLimiter:
     # --- attempts --------------------------------------------------------------------------------------
 
     def delay(self, tokens: int, now: float | None = None) -> float:
-        """Seconds until an attempt of `tokens` fits the limits (0: now); attempts out not counted."""
+        """Seconds until an attempt may go by the pace (0: now); attempts out not counted."""
         if not self.enabled:
             return 0.0
         now = self.clock() if now is None else now
-        return max(self.paused_until - now, self.buckets["requests"].wait(1, now),
-                   self.buckets["tokens"].wait(tokens, now))
+        return max(self.paused_until - now, *(pace.wait(now) for pace in self.paces.values()))
 
     def try_acquire(self, tokens: int) -> Ticket | None:
         """The attempt's Ticket if it may go now (and none waits before it), else None."""
@@ -244,25 +333,25 @@ class RateLimiter:
 
     def _take(self, tokens: int, now: float) -> Ticket:
         self._seq += 1
-        ticket = Ticket(seq=self._seq, tokens=tokens, sent_at=now)
-        for kind, cost in (("requests", 1), ("tokens", tokens)):
-            ticket.marks[kind] = self.buckets[kind].take(cost, now)
-        self._unanswered[ticket.seq] = ticket
+        if self.enabled:
+            self.paces["requests"].take(1, now)
+            self.paces["tokens"].take(tokens, now)
         self.out += 1
         self.stats["max_out"] = max(self.stats["max_out"], self.out)
-        return ticket
+        self._own_sent["requests"] += 1
+        self._own_sent["tokens"] += tokens
+        return Ticket(seq=self._seq, tokens=tokens, sent_at=now, own_sent=dict(self._own_sent),
+                      rates={kind: pace.rate for kind, pace in self.paces.items()})
 
     def release(self, ticket: Ticket) -> None:
         """The attempt is over (answered, timed out, lost): another may go. Once per ticket."""
-        self._unanswered.pop(ticket.seq, None)
         self.out -= 1
         self._wake()
 
     def cancel(self, ticket: Ticket) -> None:
-        """An attempt let go but not sent after all: released, and its share of the limits comes back."""
+        """An attempt let go but not sent after all: released (its turn in the pace is not given back:
+        the next attempt goes a little later, which costs nothing but that)."""
         self.release(ticket)
-        for kind, cost in (("requests", 1), ("tokens", ticket.tokens)):
-            self.buckets[kind].level += cost
 
     def _wake(self) -> None:
         if self._released is not None and not self._released.done() and self.out < int(self.concurrency):
@@ -273,54 +362,95 @@ class RateLimiter:
         self.stats["min_concurrency"] = min(self.stats["min_concurrency"], self.concurrency)
         self._wake()
 
-    def _sent_just_before(self, ticket: Ticket) -> tuple[int, int]:
-        """Requests and tokens of the unanswered attempts sent within SKEW_S before `ticket`."""
-        requests = tokens = 0
-        for other in self._unanswered.values():
-            if other.seq >= ticket.seq:
-                break
-            if other.sent_at >= ticket.sent_at - SKEW_S:
-                requests, tokens = requests + 1, tokens + other.tokens
-        return requests, tokens
+    @property
+    def paced(self) -> bool:
+        return any(pace.rate is not None for pace in self.paces.values())
 
     # --- answers -------------------------------------------------------------------------------------
 
     def answered(self, ticket: Ticket, headers=None, status: int | None = None,
                  retry_after: float | None = None) -> None:
-        """Read an answer: the limits in its headers (when it is the latest attempt answered); on a
-        429 a halved concurrency and a pause of `retry_after` seconds for every attempt; on any other
-        answer below 400, one more attempt out at once (up to the ceiling)."""
-        self._unanswered.pop(ticket.seq, None)
+        """Read an answer: the limits and what remains of them in its headers, a 429 (the rates lowered,
+        every attempt held for `retry_after` seconds), or an acceptance (the rates climb back)."""
         if not self.enabled:
             return
         now = self.clock()
-        found = False
-        if headers is not None:
-            uncounted = None
-            for kind in KINDS:
-                limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
-                remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
-                if limit is None or remaining is None or limit <= 0:
-                    continue
-                found = True
-                if ticket.seq > self._synced:  # an older answer knows less than the one already read
-                    reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-                    uncounted = uncounted or dict(zip(KINDS, self._sent_just_before(ticket)))
-                    self.buckets[kind].sync(limit, remaining, reset, ticket.marks[kind], now, uncounted[kind])
-            if found:
-                self._synced = max(self._synced, ticket.seq)
+        found = self._read_headers(headers, ticket, now) if headers is not None else False
         if self.reports_limits is None and headers is not None:
             self.reports_limits = found
-            if not found:  # plain concurrency, as without pacing
-                self._set_concurrency(self.ceiling)
         if status == 429:
-            self.stats["rate_limited"] += 1
-            if retry_after:
-                self.paused_until = max(self.paused_until, now + retry_after)
-            if ticket.seq > self._halved_at:  # once per round: the attempts let go before it saw the same
-                self._halved_at = self._seq
-                self._set_concurrency(self.concurrency / 2)
-        elif status is not None and status < 400 and self.concurrency < self.ceiling:
-            # With the limits known, the buckets pace and the concurrency comes back fast (one per
-            # answer); with only 429s to go by, by one per round of answers, as TCP's does.
-            self._set_concurrency(self.concurrency + (1 if self.reports_limits else 1 / self.concurrency))
+            self._refused(ticket, retry_after, now)
+        elif status is not None and status < 400:
+            self.last_accepted_at, self.refused_since = now, 0
+            self._latency = smooth(self._latency, now - ticket.sent_at)
+            self._answers.append(now)
+            while self._answers[0] < now - 1.0:
+                self._answers.popleft()
+            self._tokens = smooth(self._tokens, ticket.tokens)
+            for pace in self.paces.values():
+                pace.climb(now)
+            if not self.paced:  # slow start: one more out per answer, doubling each round
+                self._set_concurrency(self.concurrency + 1)
+            elif self.concurrency < self.ceiling:
+                self._set_concurrency(self.ceiling)  # paced: the pace, not the count out, bounds the sending
+
+    def _read_headers(self, headers, ticket: Ticket, now: float) -> bool:
+        found = {}
+        for kind in KINDS:
+            limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+            remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+            if limit is not None and remaining is not None and limit > 0:
+                found[kind] = (limit, remaining)
+        resets = {kind: parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) for kind in found}
+        readable = [k for k in found if (resets[k] or 0) >= MIN_RESET]
+        if readable:  # the window from the limit with the most units used: the closest reading
+            kind = max(readable, key=lambda k: found[k][0] - found[k][1])
+            self.window.read(*found[kind], resets[kind])
+        for kind, (limit, remaining) in found.items():
+            pace = self.paces[kind]
+            cost = 1 if kind == "requests" else max(1.0, self._mean_tokens())
+            pace.others = self.shares.read(kind, ticket.sent_at, ticket.own_sent.get(kind, 0.0), limit, remaining,
+                                           cost, limit / self.window.seconds)
+            pace.set_limit(limit, self.window.seconds)
+            self.seen[kind] = {"limit": limit, "remaining": remaining, "reset": headers.get(f"x-ratelimit-reset-{kind}"),
+                               "others_per_s": round(pace.others, 3)}
+            if remaining <= max(LOW_REMAINING * limit, cost) and now - pace.lowered_at >= 1.0:
+                pace.lowered_at = now  # the limit is reached, by this client or another of the same key
+                pace.lower(LOW_DECREASE)
+        return bool(found)
+
+    def _mean_tokens(self) -> float:
+        return self._tokens or 0.0
+
+    def _refused(self, ticket: Ticket, retry_after: float | None, now: float) -> None:
+        self.stats["rate_limited"] += 1
+        self.refused_since += 1
+        if retry_after:
+            self.paused_until = max(self.paused_until, now + retry_after)
+        # Once per round (the attempts let go before the decrease saw the same limit), and once per
+        # LOWER_GAP_S after the pause: a server that counts refusals refuses on while it recovers.
+        if ticket.seq <= self._lowered_seq or now < self._lowered_at + LOWER_GAP_S:
+            return
+        self._lowered_seq, self._lowered_at = self._seq, now + (retry_after or 0.0)
+        if not self.paced:
+            # The first sign of a limit the server does not report, met while sending in bursts: pace
+            # under the rate it was seen to take (the attempts out over an answer's time, at most the
+            # last second's answers, and at most one per Retry-After), and grow by
+            # PROBE_GROWTH a second until a 429 of the paced sending says where the limit is.
+            sending = min(self.concurrency / max(self._latency or 1.0, 1e-3), len(self._answers) + 1.0)
+            if retry_after:  # until one more request fits: over an emptied limit, one refill's time
+                sending = min(sending, 1.0 / retry_after)
+            for kind, pace in self.paces.items():
+                pace.rate = DECREASE * sending * (1 if kind == "requests" else max(1.0, self._tokens or ticket.tokens))
+                pace.climbed_at = now + (retry_after or 0.0)
+            self._set_concurrency(self.ceiling)
+            return
+        for kind, pace in self.paces.items():
+            pace.lower(DECREASE, ticket.rates.get(kind))
+            pace.climbed_at = max(pace.climbed_at, now + (retry_after or 0.0))
+
+    def describe(self) -> str:
+        """The limits the server reported, and its 429s, for messages."""
+        seen = ", ".join(f"{kind}: limit {s['limit']:g}, remaining {s['remaining']:g}, reset {s['reset']}"
+                         for kind, s in self.seen.items()) or "no x-ratelimit headers"
+        return f"{seen}; {self.refused_since} answers 429 in a row"

@@ -87,6 +87,10 @@ class Stalled(Exception):
 async def _watch_for_stall(llm: LLMClient, timeout: float) -> None:
     while True:
         await asyncio.sleep(min(1.0, timeout / 4))
+        if llm.refused_for() > timeout:  # first: a wait for a Retry-After is no silence of the server
+            raise Stalled(f"the server at {llm.base_url} refused every request (429) for {llm.refused_for():.0f} s "
+                          f"(--stall_timeout): the account's limits are spent, or shared with another client that "
+                          f"takes them all ({llm.limits_seen()})")
         if llm.stalled_for() > timeout:
             raise Stalled(f"the server at {llm.base_url} answered none of the {llm.in_flight} requests waiting on it "
                           f"in {timeout:.0f} s (--stall_timeout)")

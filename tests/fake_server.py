@@ -195,6 +195,8 @@ class FakeServerConfig:
     tpm: int | None = None  # tokens (prompt + max_tokens) per window_s, enforced (None: no token limit)
     window_s: float = 60.0  # the time the limits refill in from empty
     ratelimit_headers: bool = True  # send the x-ratelimit-* headers (with rpm or tpm)
+    enforce_s: float | None = None  # the limits also enforced over slices this long (RateLimits)
+    count_refused: bool = False  # a refused request counts against the limits too
 
 
 def _error(status: int, kind: str, message: str, headers: dict | None = None) -> web.Response:
@@ -216,28 +218,42 @@ def format_duration(seconds: float) -> str:
 
 
 class RateLimits:
-    """The server's RPM and TPM: token buckets holding `limit`, refilled at limit / window_s a second."""
+    """The server's RPM and TPM: token buckets holding `limit`, refilled at limit / window_s a second.
 
-    def __init__(self, rpm: int | None, tpm: int | None, window_s: float, clock=time.monotonic):
-        self.window, self.clock = window_s, clock
+    `enforce_s`: the limits are also enforced over slices of this many seconds, as OpenAI may enforce
+    60,000 RPM as 1,000 requests a second: a second bucket per limit holding limit * enforce_s / window_s,
+    refilled at the same rate. `count_refused`: a refused request takes its cost too (down to minus a
+    bucket's size), as OpenAI says unsuccessful requests count toward the limit. The headers report
+    the window's bucket, as OpenAI's report the minute's."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, window_s: float, clock=time.monotonic,
+                 enforce_s: float | None = None, count_refused: bool = False):
+        self.window, self.clock, self.count_refused = window_s, clock, count_refused
         now = clock()
         self.buckets = {kind: {"limit": float(limit), "level": float(limit), "stamp": now}
                         for kind, limit in (("requests", rpm), ("tokens", tpm)) if limit}
+        self.slices = {kind: {"limit": limit * enforce_s / window_s, "level": limit * enforce_s / window_s,
+                              "stamp": now, "rate": limit / window_s}
+                       for kind, limit in (("requests", rpm), ("tokens", tpm)) if limit and enforce_s}
 
     def admit(self, tokens: int) -> tuple[bool, dict]:
-        """Take 1 request and `tokens` if both fit (a cost over a limit fits a full bucket): (admitted,
-        the x-ratelimit-* headers after it, and on refusal Retry-After / retry-after-ms)."""
+        """Take 1 request and `tokens` if both fit every bucket (a cost over a bucket's size fits a full
+        one): (admitted, the x-ratelimit-* headers after it, and on refusal Retry-After / retry-after-ms)."""
         now = self.clock()
         costs = {"requests": 1, "tokens": tokens}
+        everything = [(kind, bucket) for kind, bucket in self.buckets.items()] + list(self.slices.items())
         wait = 0.0
-        for kind, bucket in self.buckets.items():
-            rate = bucket["limit"] / self.window
+        for kind, bucket in everything:
+            rate = self.buckets[kind]["limit"] / self.window
             bucket["level"] = min(bucket["limit"], bucket["level"] + (now - bucket["stamp"]) * rate)
             bucket["stamp"] = now
             wait = max(wait, (min(costs[kind], bucket["limit"]) - bucket["level"]) / rate)
-        if wait <= 0:
-            for kind, bucket in self.buckets.items():
-                bucket["level"] -= costs[kind]
+        if wait <= 0 or self.count_refused:
+            for kind, bucket in everything:
+                bucket["level"] = max(bucket["level"] - costs[kind], -bucket["limit"])
+        if wait > 0 and self.count_refused:  # what this refusal took is owed too before the next fits
+            wait = max((min(costs[kind], b["limit"]) - b["level"]) / (self.buckets[kind]["limit"] / self.window)
+                       for kind, b in everything)
         headers = {}
         for kind, bucket in self.buckets.items():
             headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket["limit"]))
@@ -296,7 +312,8 @@ class FakeServer(InThread):
         self.brain = Brain(config.problems, config.hard_fraction, config.hopeless_fraction, config.bad_rewrites)
         self.port = config.port
         self._faulted = set()  # digests of the bodies that already had their transient fault
-        self._limits = RateLimits(config.rpm, config.tpm, config.window_s) if config.rpm or config.tpm else None
+        self._limits = (RateLimits(config.rpm, config.tpm, config.window_s, enforce_s=config.enforce_s,
+                                   count_refused=config.count_refused) if config.rpm or config.tpm else None)
         self._in_flight = 0
         self._runner = self._loop = self._thread = None
         self.reset_stats()
@@ -315,9 +332,10 @@ class FakeServer(InThread):
                        "truncated": []}  # (kind, problem id or None) of every answer cut by the length fault
         if self.config.rpm or self.config.tpm:
             # requests admitted and refused, tokens admitted, the least left after an admission per limit,
-            # and when the first request came and the last answer went (time.monotonic())
+            # when the first request came and the last answer went (time.monotonic()), and every verdict
             self._stats["ratelimit"] = {"admitted": 0, "rejected": 0, "admitted_tokens": 0,
-                                        "lowest_remaining": {}, "first_at": None, "last_at": None}
+                                        "lowest_remaining": {}, "first_at": None, "last_at": None,
+                                        "answers": []}  # (s since first_at, admitted, tokens) of each request
 
     async def _chat(self, request: web.Request) -> web.Response:
         try:
@@ -363,6 +381,7 @@ class FakeServer(InThread):
         admitted, headers = self._limits.admit(tokens)
         counts["admitted" if admitted else "rejected"] += 1
         counts["admitted_tokens"] += tokens if admitted else 0
+        counts["answers"].append((round(time.monotonic() - counts["first_at"], 3), admitted, tokens))
         if admitted:
             for kind in self._limits.buckets:
                 left = int(headers[f"x-ratelimit-remaining-{kind}"])
@@ -501,6 +520,9 @@ def main(argv=None) -> None:
     p.add_argument("--tpm", type=int, default=None, help="tokens (prompt + max_tokens) per --window_s, enforced")
     p.add_argument("--window_s", type=float, default=60.0, help="seconds the rate limits refill in")
     p.add_argument("--no_ratelimit_headers", action="store_true", help="enforce the limits without x-ratelimit-*")
+    p.add_argument("--enforce_s", type=float, default=None,
+                   help="also enforce the limits over slices of this many seconds (--window_s / 60: per second)")
+    p.add_argument("--count_refused", action="store_true", help="refused requests count against the limits")
     args = p.parse_args(argv)
     with exit_on_user_error():
         problems = [problem for path in args.problems
@@ -509,7 +531,8 @@ def main(argv=None) -> None:
                               hopeless_fraction=args.hopeless_fraction, latency=args.latency, slots=args.slots,
                               faults=args.faults, slow_seconds=args.slow_seconds, port=args.port, rpm=args.rpm,
                               tpm=args.tpm, window_s=args.window_s,
-                              ratelimit_headers=not args.no_ratelimit_headers)
+                              ratelimit_headers=not args.no_ratelimit_headers, enforce_s=args.enforce_s,
+                              count_refused=args.count_refused)
     asyncio.run(serve_until_signal(FakeServer(config), args.port_file))
 
 

@@ -67,7 +67,8 @@ def test_max_cost_is_never_exceeded(tmp_path, concurrency, cap):
         sent = srv.stats()["requests"]
     stats = json.loads((tmp_path / "cot.stats.json").read_text())
     assert spent_by_server <= cap and stats["spent_usd_at_most"] <= cap, (spent_by_server, stats["spent_usd_at_most"])
-    assert stats["spent_usd_at_most"] >= spent_by_server  # the client's account is an upper bound
+    # the client's account is an upper bound (summed in another order than the server's: a float's rounding)
+    assert stats["spent_usd_at_most"] >= spent_by_server * (1 - 1e-9)
     if result.returncode == 3:  # stopped at the cap: said so, with what was spent and how to go on
         assert "spent at most $" in result.stderr and f"--max_cost ${cap}" in result.stderr
         assert "rerun with a higher --max_cost" in result.stderr and not stats["complete"]
