@@ -2,8 +2,8 @@
 recorded before anything waits on it, so a killed run, rerun, polls the batches it finds there and
 resubmits none of their requests."""
 import json
-import sqlite3
-from pathlib import Path
+
+from .llm import durable_sqlite
 
 STATE_FILE = "batch_state.sqlite"
 
@@ -14,14 +14,8 @@ class BatchState:
     submitted -> read | lost), the custom_ids it holds, the worst case reserved per line, file and batch ids."""
 
     def __init__(self, path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS batches (local_id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, "
-                        "status TEXT NOT NULL, record TEXT NOT NULL)")
-        self.db.commit()
+        self.db = durable_sqlite(path, "batches (local_id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, "
+                                       "status TEXT NOT NULL, record TEXT NOT NULL)")
 
     def save(self, record: dict) -> None:
         self.db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?)",

@@ -145,7 +145,7 @@ class RecipeMixin:
     def error(self, message):
         """A bad value in the recipe is named with its file, line, section and key; one on the command line
         is argparse's usual error."""
-        parsing = getattr(self, "_parsing_recipe", None)
+        parsing = self._parsing_recipe
         if parsing:
             path, settings, argv = parsing
             for key in settings:

@@ -131,18 +131,24 @@ def price_of(model: str, base_url: str, prices_file=PRICES_FILE) -> dict | None:
     return {"input": 0.0, "output": 0.0} if is_local(base_url) else None
 
 
+def durable_sqlite(path, table: str) -> sqlite3.Connection:
+    """A SQLite file whose every commit survives the process being killed: WAL mode with
+    synchronous=NORMAL, without an fsync each (only a power cut may lose the last). `table` is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(f"CREATE TABLE IF NOT EXISTS {table}")
+    db.commit()
+    return db
+
+
 class ResponseCache:
-    """Answers by request hash in SQLite, committed one by one. In WAL mode with synchronous=NORMAL a
-    commit survives the process being killed without an fsync each (only a power cut may lose the last)."""
+    """Answers by request hash in SQLite (durable_sqlite), committed one by one."""
 
     def __init__(self, path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self.db.commit()
+        self.db = durable_sqlite(path, "responses (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
     @staticmethod
     def key(endpoint: str, body: dict) -> str:
