@@ -31,4 +31,5 @@ bench: setup
 	$(PY) bench/bench_grading.py
 	$(PY) bench/bench_generation.py
 	$(PY) bench/bench_ratelimit.py
+	$(PY) bench/bench_rehearsal.py --judge_top_k 1
 	$(PY) bench/bench_train.py

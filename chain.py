@@ -2,7 +2,7 @@
 
     slice GSM8K + MATH train -> [start the LLM server] -> gen_cot -> persona_augment -> reflection
     -> [stop the server] -> build_dataset -> train (run_zero2.sh) -> evaluate.py (GSM8K and MATH, one
-    engine per model) of the base and the trained model -> report.py
+    engine per model) of the base and the trained model -> report.py   (--stop_after: fewer steps)
 
 The chain declares no setting of a stage: it hands every script the recipe (--config), whose section
 named after the script holds that script's own arguments; `SECTION.KEY=VALUE` words override a recipe
@@ -75,6 +75,9 @@ def build_parser() -> RecipeParser:
                    help="USD: one budget for every paid request of the chain (generation and the decontamination "
                         "judge), carried from stage to stage; the chain stops, resumable, before a request that "
                         "does not fit")
+    p.add_argument("--stop_after", choices=["dataset", "train"], default=None,
+                   help="end the chain after build_dataset (the dataset only, e.g. to publish or inspect it) or after "
+                        "training, with the report of what ran (default: run every step)")
     p.add_argument("--progress_interval", type=float, default=30, help="seconds between progress lines of a step")
     p.add_argument("--slice", choices=["easy", "first"], default="first",
                    help="easy: the questions with the shortest reference solutions (GSM8K: fewest steps; MATH: "
@@ -429,9 +432,11 @@ class Chain:
         self.write_recipe()
         print(f"[chain] recipe {self.args.recipe_file}; as run: {self.recipe}", flush=True)
         self.generate()
-        trained = self.train()
-        self.evaluate("base", self.base_model())
-        self.evaluate("trained", trained)
+        if self.args.stop_after != "dataset":
+            trained = self.train()
+            if self.args.stop_after != "train":
+                self.evaluate("base", self.base_model())
+                self.evaluate("trained", trained)
         subprocess.run([sys.executable, "report.py", "--run_dir", self.run_dir], cwd=ROOT, check=True)
         spent = f"; spent at most ${self.spent():.4f}" if self.spend_file.exists() else ""
         print(f"[chain] finished in {time.time() - started:.0f} s{spent}; everything is under {self.run_dir}")

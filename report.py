@@ -178,19 +178,24 @@ def math_breakdown(evals: dict, key: str, grader: str = "verify") -> tuple[list[
 
 def write_report(run_dir: Path) -> str:
     evals = load_evals(run_dir)
-    if not evals:
-        raise UserError(f"{run_dir}/eval: no evaluation summaries (expected eval/LABEL/{{gsm8k,math}}/summary.json)")
+    ytable, stats = yields_table(run_dir)
+    if not evals and not stats:
+        raise UserError(f"{run_dir}: neither evaluation summaries (eval/LABEL/{{gsm8k,math}}/summary.json) nor "
+                        f"generation stats (gen/*.stats.json)")
     published = load_published()
     plots = run_dir / "plots"
-    table, notes = results_table(evals, published)
-    lines = [f"# PersonaMath run report: {run_dir.name}", "", "## Results (Pass@1, %, greedy)", "",
-             *table, "",
-             "Column labels name the generation protocol (`authors`: the authors' eval scripts, stop list included; "
-             "`ours`: stops only at the next Alpaca block; `*`: with a deviation, listed below). "
-             "`paper`: the authors' answer extraction and comparison (comparable with the published table for "
-             "`authors` generations); `verify`: math-verify equivalence. Published figures: the authors' README "
-             "(data/reference/published_results.csv), full test sets; ours are on the slices named below.", "",
-             *[line for note in notes for line in (note, "")]]
+    lines = [f"# PersonaMath run report: {run_dir.name}", ""]
+    if not evals:
+        lines += ["No model was evaluated in this run (chain.py --stop_after): its data only.", ""]
+    else:
+        table, notes = results_table(evals, published)
+        lines += ["## Results (Pass@1, %, greedy)", "", *table, "",
+                  "Column labels name the generation protocol (`authors`: the authors' eval scripts, stop list "
+                  "included; `ours`: stops only at the next Alpaca block; `*`: with a deviation, listed below). "
+                  "`paper`: the authors' answer extraction and comparison (comparable with the published table for "
+                  "`authors` generations); `verify`: math-verify equivalence. Published figures: the authors' README "
+                  "(data/reference/published_results.csv), full test sets; ours are on the slices named below.", "",
+                  *[line for note in notes for line in (note, "")]]
     for label, tasks in evals.items():
         for task, summary in tasks.items():
             gen = summary["generation"]
@@ -200,7 +205,6 @@ def write_report(run_dir: Path) -> str:
             lines.append(f"- {label} / {task}: `{summary['model']}` on {summary['n']} {source}, "
                          f"{describe(summary)} ({provenance.short(summary.get('provenance'))})")
     lines.append("")
-    ytable, stats = yields_table(run_dir)
     if stats:
         lines += ["## Generation yields", "", *ytable, ""]
         dataset_stats = run_dir / "dataset/stats.json"

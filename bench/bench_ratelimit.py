@@ -135,6 +135,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0,
                    help="how long the run goes on at the limit after its first window (sets the items)")
     p.add_argument("--quick", action="store_true", help="RPM cases with refusals counted, and the shared ones")
+    p.add_argument("--only", default=None, help="the cases whose description holds this text, e.g. 'no headers'")
     p.add_argument("--baseline", action="store_true", help="also --pacing off at --concurrency 256 on each case")
     args = p.parse_args()
     print(f"server: {args.rpm} requests (or {args.rpm * TOKENS_PER_REQUEST:,} tokens) per {args.window_s:g} s "
@@ -144,7 +145,7 @@ def main() -> None:
           "requests | per client (requests/s, 429s) | targets |")
     print("|---|---|---|---|---|---|---|---|")
     met = True
-    for case in cases(args.quick):
+    for case in [c for c in cases(args.quick) if args.only is None or args.only in describe(c)]:
         for pacing in (["headers", "off"] if args.baseline else ["headers"]):
             r = run_case(args, case, pacing)
             per_client = "; ".join(f"{c['requests_per_s']:.1f}/s, {c['rate_limited']}" for c in r["clients"])

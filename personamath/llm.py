@@ -221,8 +221,9 @@ def add_llm_args(parser) -> None:
     g.add_argument("--base_url", default=None, help=f"OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or {DEFAULT_BASE_URL}); "
                                                    "the API key is read from $OPENAI_API_KEY only")
     g.add_argument("--concurrency", type=int, default=32,
-                   help="the most requests in flight at once; under a server's rate limits (x-ratelimit-* "
-                        "headers) fewer, as those limits allow, and a 429 halves it for a while")
+                   help="the most requests in flight at once; with --pacing headers the server's rate limits set "
+                        "the pace and this only caps it: it must exceed the requests/s the limits allow times the "
+                        "seconds per answer (the paper recipes: 256)")
     g.add_argument("--pacing", choices=["headers", "off"], default="headers",
                    help="headers (default): pace under the rate limits the server reports, slow down on 429; "
                         "off: exactly --concurrency requests in flight, each 429 only retried after its Retry-After")

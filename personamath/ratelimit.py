@@ -19,11 +19,16 @@ spread over time and never burst, whatever the headers say is left. The rates co
   clients of the same key take (Shares: the remaining count falls faster than this client's own
   sending explains), never below MIN_SHARE of it;
 - 429s: each multiplies the rates by DECREASE (once per round of attempts, and once per LOWER_GAP_S
-  after the pause) and holds every attempt until its Retry-After; without headers, the first 429
-  starts a pace under the rate the server took. The rate then climbs back by RECOVERY of its target a
-  second (additive increase, multiplicative decrease: clients sharing a limit converge to equal
-  shares); without a target, slowly near the rate of the last 429, so that probing above it costs a
-  429 now and then, not a stream of them;
+  after the pause) and holds every attempt until its Retry-After; one whose headers leave most of
+  every limit, the first for ISOLATED_S (a 429 for another reason), by PROBE_DECREASE, holding only
+  itself. Without headers, the first 429 starts a pace under the rate the server took, and
+  every 429 caps the rates at DECREASE of the rate the server admitted over the last ADMITTED_S (the
+  attempts not answered 429: a refusal comes back at once, an answer takes its time), where it refused
+  enough of them (SATURATED) to be at its limit. The rate then
+  climbs back by RECOVERY of its target a second (additive increase, multiplicative decrease: clients
+  sharing a limit converge to equal shares); without a target, slowly near the rate of the last 429
+  (a 429 there lowers it by PROBE_DECREASE only), so that probing above it costs a 429 now and then,
+  not a stream of them;
 - the headers' remaining at (or near) zero, which says the limit is reached before a 429 does: the
   rates are lowered by LOW_DECREASE, at most once a second.
 
@@ -44,14 +49,19 @@ TARGET_SHARE = 0.98  # of a reported limit's rate: what the jitter of arrival ti
 DEFAULT_WINDOW = 60.0  # seconds a limit takes to refill from empty: RPM and TPM are per minute
 MIN_WINDOW, MAX_WINDOW = 1.0, 60.0  # a window read from the headers outside these is not believed
 MIN_USED = 10  # a window is read only from this many units used (remaining is rounded down: within 5%)
-MIN_RESET = 0.05  # nor from a shorter reset (headers round it to the millisecond)
-WINDOW_READINGS = 5  # the window believed is the median of this many readings
+MIN_RESET = 0.01  # nor from a shorter reset (headers round it to the millisecond: within 5%)
+WINDOW_READINGS = 9  # the window believed is the median of this many readings (rounding errors cancel)
 DECREASE = 0.85  # a 429: the rates times this
 LOW_DECREASE = 0.95  # the headers' remaining near zero: the rates times this, at most once a second
 LOW_REMAINING = 0.02  # "near zero": this share of the limit (at least one request's cost)
 RECOVERY = 0.05  # after a decrease the rates climb back by this share of their target a second
 NEAR = 0.97  # within this share of the rate of the last 429 ...
 NEAR_RECOVERY = 0.003  # ... they climb by this share of it a second (probing, gently)
+PROBE_DECREASE = 0.95  # a 429 met while probing near the rate of the last one: the rates times this
+ADMITTED_S = 1.0  # without headers, what the server admits is read over the attempts of this long ...
+REFUSAL_MARGIN_S = 0.05  # ... that went this long ago, and twice as long as a 429 takes to come back,
+SATURATED = 0.1  # ... where this share of them, and two at least, was refused (a stray 429 is no limit)
+ISOLATED_S = 10.0  # a 429 that leaves most of the limits, the first for this long: gently (PROBE_DECREASE)
 LOWER_GAP_S = 1.0  # a 429 lowers the rates at most once this long after the last decrease's pause
 PROBE_GROWTH = 0.2  # no limit known yet (a 429 while sending in bursts): the rates grow this share a second
 CATCH_UP_S = 0.05  # lateness the pace makes up for (a short burst), so that it does not fall behind
@@ -254,6 +264,10 @@ class RateLimiter:
         self._lowered_seq = -1  # the attempts let go when a 429 last lowered the rates
         self._latency = None  # seconds from an attempt to its answer, smoothed
         self._answers = deque()  # when the last second's answers below 400 came
+        self._sent_times = deque()  # when the attempts of the last few seconds went
+        self._refused_times = deque()  # when those of them answered 429 went
+        self._refusal_rtt = 0.0  # how long a 429 took to come back, at most, lately
+        self._limits_left_at = -math.inf  # the last 429 whose headers left most of the limits
         self._lowered_at = -math.inf  # when a 429 last lowered the rates
         self._tokens = None  # tokens of an accepted attempt, smoothed
         self.last_accepted_at = clock()  # the latest answer below 400 (or the start)
@@ -337,11 +351,37 @@ class RateLimiter:
             self.paces["requests"].take(1, now)
             self.paces["tokens"].take(tokens, now)
         self.out += 1
+        self._sent_times.append(now)
+        self._forget(now)
         self.stats["max_out"] = max(self.stats["max_out"], self.out)
         self._own_sent["requests"] += 1
         self._own_sent["tokens"] += tokens
         return Ticket(seq=self._seq, tokens=tokens, sent_at=now, own_sent=dict(self._own_sent),
                       rates={kind: pace.rate for kind, pace in self.paces.items()})
+
+    def _margin(self) -> float:
+        return max(REFUSAL_MARGIN_S, 2 * self._refusal_rtt)
+
+    def _forget(self, now: float) -> None:
+        horizon = now - 2 * ADMITTED_S - self._margin()
+        for times in (self._sent_times, self._refused_times):
+            while times and times[0] < horizon:
+                times.popleft()
+
+    def admitted_rate(self, now: float) -> float | None:
+        """Attempts a second the server admitted lately, where it was at its limit: of those that went
+        over ADMITTED_S, long enough ago for a 429 to have come back (a refusal comes back at once; an
+        answer takes its time), those not refused. None before ADMITTED_S of sending, or where fewer
+        than SATURATED of them were refused (the client, not the server, set the rate)."""
+        end = now - self._margin()
+        start = end - ADMITTED_S
+        if not self._sent_times or self._sent_times[0] > start:
+            return None
+        sent = sum(1 for t in self._sent_times if start <= t < end)
+        refused = sum(1 for t in self._refused_times if start <= t < end)
+        if refused < max(2, SATURATED * sent):
+            return None
+        return (sent - refused) / ADMITTED_S
 
     def release(self, ticket: Ticket) -> None:
         """The attempt is over (answered, timed out, lost): another may go. Once per ticket."""
@@ -379,7 +419,12 @@ class RateLimiter:
         if self.reports_limits is None and headers is not None:
             self.reports_limits = found
         if status == 429:
-            self._refused(ticket, retry_after, now)
+            # One whose headers leave most of the limits, the first for ISOLATED_S: a stray one; a second
+            # says a limit the headers do not show (enforced per second) is reached
+            limits_left = found and self._plenty_left()
+            isolated = limits_left and now - self._limits_left_at >= ISOLATED_S
+            self._limits_left_at = now if limits_left else self._limits_left_at
+            self._refused(ticket, retry_after, now, limits_left=isolated)
         elif status is not None and status < 400:
             self.last_accepted_at, self.refused_since = now, 0
             self._latency = smooth(self._latency, now - ticket.sent_at)
@@ -419,19 +464,37 @@ class RateLimiter:
                 pace.lower(LOW_DECREASE)
         return bool(found)
 
+    def _plenty_left(self) -> bool:
+        """Whether the latest headers leave more than LOW_REMAINING of every limit they report."""
+        return all(s["remaining"] > max(LOW_REMAINING * s["limit"], 1 if kind == "requests" else self._mean_tokens())
+                   for kind, s in self.seen.items())
+
     def _mean_tokens(self) -> float:
         return self._tokens or 0.0
 
-    def _refused(self, ticket: Ticket, retry_after: float | None, now: float) -> None:
+    def _refused(self, ticket: Ticket, retry_after: float | None, now: float, limits_left: bool = False) -> None:
+        """A 429. `limits_left`: an isolated one whose headers say the limits they report are far from
+        reached (a 429 for another reason): a gentle decrease, and only the refused attempt waits its
+        Retry-After."""
         self.stats["rate_limited"] += 1
         self.refused_since += 1
-        if retry_after:
+        self._refused_times.append(ticket.sent_at)
+        self._refusal_rtt = max(now - ticket.sent_at, 0.9 * self._refusal_rtt)
+        if retry_after and not limits_left:
             self.paused_until = max(self.paused_until, now + retry_after)
+        # Without headers, what the server admitted lately is the limit, where more was sent than it
+        # admitted: no rate stays above it, whatever the round.
+        admitted = None if self.reports_limits else self.admitted_rate(now)
+        if admitted is not None and self.paced and self._cap(admitted, ticket):
+            self._lowered_seq, self._lowered_at = self._seq, now + (retry_after or 0.0)
+            for pace in self.paces.values():
+                pace.climbed_at = max(pace.climbed_at, now + (retry_after or 0.0))
+            return
         # Once per round (the attempts let go before the decrease saw the same limit), and once per
         # LOWER_GAP_S after the pause: a server that counts refusals refuses on while it recovers.
         if ticket.seq <= self._lowered_seq or now < self._lowered_at + LOWER_GAP_S:
             return
-        self._lowered_seq, self._lowered_at = self._seq, now + (retry_after or 0.0)
+        self._lowered_seq, self._lowered_at = self._seq, now + (0.0 if limits_left else retry_after or 0.0)
         if not self.paced:
             # The first sign of a limit the server does not report, met while sending in bursts: pace
             # under the rate it was seen to take (the attempts out over an answer's time, at most the
@@ -440,14 +503,30 @@ class RateLimiter:
             sending = min(self.concurrency / max(self._latency or 1.0, 1e-3), len(self._answers) + 1.0)
             if retry_after:  # until one more request fits: over an emptied limit, one refill's time
                 sending = min(sending, 1.0 / retry_after)
+            if admitted:  # and at most what the server admitted (a burst over a full bucket drains it)
+                sending = min(sending, admitted)
             for kind, pace in self.paces.items():
-                pace.rate = DECREASE * sending * (1 if kind == "requests" else max(1.0, self._tokens or ticket.tokens))
+                unit = 1 if kind == "requests" else max(1.0, self._tokens or ticket.tokens)
+                pace.rate = DECREASE * sending * unit
                 pace.climbed_at = now + (retry_after or 0.0)
             self._set_concurrency(self.ceiling)
             return
         for kind, pace in self.paces.items():
-            pace.lower(DECREASE, ticket.rates.get(kind))
-            pace.climbed_at = max(pace.climbed_at, now + (retry_after or 0.0))
+            sent_at = ticket.rates.get(kind)
+            probing = pace.target is None and pace.refused_at and sent_at and sent_at >= NEAR * pace.refused_at
+            pace.lower(PROBE_DECREASE if probing or limits_left else DECREASE, sent_at)
+            pace.climbed_at = max(pace.climbed_at, now if limits_left else now + (retry_after or 0.0))
+
+    def _cap(self, admitted: float, ticket: Ticket) -> bool:
+        """Lower every unreported limit's rate to DECREASE of the rate the server admitted, where it
+        was above it; whether it was."""
+        capped = False
+        for kind, pace in self.paces.items():
+            unit = 1 if kind == "requests" else max(1.0, self._tokens or ticket.tokens)
+            if pace.rate is not None and pace.target is None and pace.rate > admitted * unit:
+                pace.refused_at, pace.rate = admitted * unit, max(DECREASE * admitted * unit, 1e-3)
+                capped = True
+        return capped
 
     def describe(self) -> str:
         """The limits the server reported, and its 429s, for messages."""

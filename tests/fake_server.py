@@ -4,8 +4,9 @@ A deterministic "brain" answers the generation stages' prompts (solve, rewrite_p
 propose_personas, reflect; and the decontamination judge: "same" when the row holds the test problem
 whole) from the gold answers of the problems it is given: a stable-hash
 `hard_fraction` of problems is solved wrong, and a `hopeless_fraction` (a subset) stays wrong after
-reflection. Requests are counted (`GET /stats`); `latency` and `slots` bound its throughput to
-slots/latency requests per second; `stall_after` makes it stop answering after that many requests, as
+reflection. Requests are counted (`GET /stats`; `paid_twice`: bodies answered more than once); `latency`
+and `slots` bound its throughput to slots/latency requests per second (`latency_sigma`: latencies
+log-normal around `latency`, a long tail as a real API has, each body's the same every time); `stall_after` makes it stop answering after that many requests, as
 a stuck server does; a fault plan injects 429, 500, slow, malformed and empty answers
 once per distinct request body (transient: a retried request is served normally, so a retrying
 client ends with the results it would have had without faults) and `length` truncations (every time).
@@ -33,10 +34,11 @@ import signal
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from statistics import NormalDist
 
 from aiohttp import web
 
@@ -184,7 +186,8 @@ class FakeServerConfig:
     problems: list[Problem] = field(default_factory=list)
     hard_fraction: float = 0.3
     hopeless_fraction: float = 0.1
-    latency: float = 0.0  # seconds per request, spent holding a slot
+    latency: float = 0.0  # seconds per request, spent holding a slot (the median, with latency_sigma)
+    latency_sigma: float = 0.0  # > 0: each body's latency drawn log-normal, latency * exp(sigma * z), z ~ N(0, 1)
     slots: int | None = None  # requests processed at once; None: unlimited
     faults: dict[str, float] = field(default_factory=dict)  # fault type -> fraction of distinct request bodies
     slow_seconds: float = 5.0
@@ -326,7 +329,8 @@ class FakeServer(InThread):
         return copy.deepcopy(self._stats)
 
     def reset_stats(self) -> None:
-        self._stats = {"requests": 0, "by_kind": dict.fromkeys([*TEMPLATES, "unknown"], 0),
+        self._paid = Counter()  # answers billed, by request body
+        self._stats = {"requests": 0, "paid_twice": 0, "by_kind": dict.fromkeys([*TEMPLATES, "unknown"], 0),
                        "faults": dict.fromkeys(FAULT_TYPES, 0), "max_concurrent": 0, "completed": 0,
                        "usage": {"prompt_tokens": 0, "completion_tokens": 0},  # of every answer it sent
                        "truncated": []}  # (kind, problem id or None) of every answer cut by the length fault
@@ -351,6 +355,7 @@ class FakeServer(InThread):
         stats["by_kind"][kind] += 1
         self._in_flight += 1
         stats["max_concurrent"] = max(stats["max_concurrent"], self._in_flight)
+        canonical = json.dumps(body, sort_keys=True, ensure_ascii=False)
         headers = {}
         try:
             if self._limits is not None:
@@ -362,14 +367,21 @@ class FakeServer(InThread):
             if self.config.stall_after is not None and stats["requests"] > self.config.stall_after:
                 await asyncio.Event().wait()  # until the client hangs up
             async with self._slots:
-                await asyncio.sleep(self.config.latency)
-                response = await self._respond(body, kind, problem, text)
+                await asyncio.sleep(self._latency(canonical))
+                response = await self._respond(body, canonical, kind, problem, text)
                 response.headers.update(headers)
                 return response
         finally:
             self._in_flight -= 1
             if self._limits is not None:
                 stats["ratelimit"]["last_at"] = time.monotonic()
+
+    def _latency(self, canonical: str) -> float:
+        """This body's answer time: the same for the same body, drawn from the configured distribution."""
+        if not self.config.latency_sigma:
+            return self.config.latency
+        z = NormalDist().inv_cdf(min(max(_unit(f"latency:{canonical}"), 1e-9), 1 - 1e-9))
+        return self.config.latency * math.exp(self.config.latency_sigma * z)
 
     def _admit(self, body: dict) -> tuple[bool, dict]:
         """The rate limits' verdict on a request, counted in stats["ratelimit"]."""
@@ -398,9 +410,9 @@ class FakeServer(InThread):
                 return fault
         return None
 
-    async def _respond(self, body: dict, kind: str, problem: Problem | None, text: str) -> web.Response:
+    async def _respond(self, body: dict, canonical: str, kind: str, problem: Problem | None,
+                       text: str) -> web.Response:
         stats = self._stats
-        canonical = json.dumps(body, sort_keys=True, ensure_ascii=False)
         digest = hashlib.sha256(canonical.encode()).hexdigest()
         fault = self._fault_for(canonical, digest)
         if fault:
@@ -432,6 +444,9 @@ class FakeServer(InThread):
         choices = [] if fault == "empty" else [{"index": 0, "message": {"role": "assistant", "content": text},
                                                 "finish_reason": finish}]
         stats["completed"] += fault != "empty"
+        if fault != "empty":
+            self._paid[digest] += 1
+            stats["paid_twice"] += self._paid[digest] == 2
         return web.json_response({
             "id": f"chatcmpl-fake-{digest[:16]}",
             "object": "chat.completion", "created": int(time.time()), "model": body.get("model", self.config.model),
@@ -447,6 +462,10 @@ class FakeServer(InThread):
         return web.json_response({"status": "ok"})
 
     async def _get_stats(self, request: web.Request) -> web.Response:
+        """The counts; `?answers=0` leaves out the verdict of every request (megabytes after a long run)."""
+        if request.query.get("answers") == "0" and "ratelimit" in self._stats:
+            return web.json_response({**self._stats, "ratelimit": {k: v for k, v in self._stats["ratelimit"].items()
+                                                                   if k != "answers"}})
         return web.json_response(self.stats())
 
     async def _reset_stats(self, request: web.Request) -> web.Response:
@@ -510,7 +529,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="fake-llm")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
     p.add_argument("--port_file", default=None, help="also write the port to this file")
-    p.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds per request (the median, with --latency_sigma)")
+    p.add_argument("--latency_sigma", type=float, default=0.0,
+                   help="> 0: latencies log-normal around --latency, this sigma (0.7: p99 about 5x the median)")
     p.add_argument("--slots", type=int, default=None, help="requests processed at once (default: unlimited)")
     p.add_argument("--faults", type=parse_faults, default={}, help="e.g. 429=0.1,500=0.1,slow=0.05,length=0.02")
     p.add_argument("--hard_fraction", type=float, default=0.3)
@@ -528,7 +549,8 @@ def main(argv=None) -> None:
         problems = [problem for path in args.problems
                     for problem in (load_problems(args.task, path) if args.task else load_any(path)[1])]
     config = FakeServerConfig(model=args.model, problems=problems, hard_fraction=args.hard_fraction,
-                              hopeless_fraction=args.hopeless_fraction, latency=args.latency, slots=args.slots,
+                              hopeless_fraction=args.hopeless_fraction, latency=args.latency,
+                              latency_sigma=args.latency_sigma, slots=args.slots,
                               faults=args.faults, slow_seconds=args.slow_seconds, port=args.port, rpm=args.rpm,
                               tpm=args.tpm, window_s=args.window_s,
                               ratelimit_headers=not args.no_ratelimit_headers, enforce_s=args.enforce_s,

@@ -279,3 +279,14 @@ def test_chain_budget_and_dry_run_against_what_the_server_billed(tmp_path, train
         assert left == pytest.approx(cap - sum(e["spent_usd_at_most"] for e in json.loads(
             (run / "spend.json").read_text()) if e["step"] != "build_dataset"), abs=1e-6)
     assert first_bill > 0
+
+
+def test_chain_stop_after_dataset_trains_nothing_and_reports_the_data(tmp_path, train_problems, tiny_base):
+    with start_in_thread(FakeServerConfig(problems=train_problems)) as server:
+        result = chain(tmp_path, server.url, tiny_base, "--stop_after", "dataset")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "small"
+    assert (run / ".done/build_dataset").exists() and count(run / "dataset/PersonaMathQA.jsonl") > 0
+    assert not (run / "train").exists() and not (run / "eval").exists() and "train: running" not in result.stdout
+    report = (run / "report.md").read_text()
+    assert "No model was evaluated in this run" in report and "## Generation yields" in report

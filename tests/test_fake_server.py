@@ -186,6 +186,27 @@ def test_slots_and_latency_bound_throughput(problems, slots, min_s, max_s):
         assert server.stats()["max_concurrent"] == 8
 
 
+def test_latencies_have_a_long_tail_and_each_body_its_own(problems):
+    """latency_sigma: log-normal around the median latency, the same for the same body every time."""
+    from fake_server import FakeServer
+
+    server = FakeServer(FakeServerConfig(problems=problems, latency=1.0, latency_sigma=0.7))
+    draws = sorted(server._latency(json.dumps({"n": i})) for i in range(4000))
+    assert draws[2000] == pytest.approx(1.0, rel=0.05)  # the median
+    assert draws[3960] == pytest.approx(5.1, rel=0.2)  # p99: exp(0.7 * 2.33)
+    assert server._latency('{"n": 7}') == server._latency('{"n": 7}')
+    assert FakeServer(FakeServerConfig(problems=problems, latency=0.3))._latency('{"n": 7}') == 0.3
+
+
+def test_a_body_answered_twice_is_counted_as_paid_twice(problems):
+    with start_in_thread(FakeServerConfig(problems=problems)) as server:
+        client = client_for(server)
+        for messages in (solve_messages(problems[0].question), solve_messages(problems[0].question),
+                         solve_messages(problems[1].question)):
+            create(client, messages)
+        assert server.stats()["completed"] == 3 and server.stats()["paid_twice"] == 1
+
+
 def test_cli_serves_until_sigterm(tmp_path):
     port_file = tmp_path / "port"
     process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_server.py"), "--problems",

@@ -14,8 +14,8 @@ from fake_server import FakeServerConfig, RateLimits, format_duration, start_in_
 from personamath.data import load_problems
 from personamath.jsonl import read_jsonl
 from personamath.llm import cost_of, price_of
-from personamath.ratelimit import (DECREASE, INITIAL_CONCURRENCY, RECOVERY, TARGET_SHARE, RateLimiter, Ticket,
-                                   parse_duration, request_tokens)
+from personamath.ratelimit import (DECREASE, INITIAL_CONCURRENCY, LOW_DECREASE, PROBE_DECREASE, RECOVERY, TARGET_SHARE,
+                                   RateLimiter, Ticket, parse_duration, request_tokens)
 
 GSM8K = DATA / "gsm8k" / "train.jsonl"
 MATH = DATA / "math" / "MATH_train.jsonl"
@@ -173,20 +173,67 @@ def test_a_429_lowers_the_rate_once_a_round_holds_everything_and_the_rate_climbs
     while len(round1) < 3:  # three attempts out, one each 1 / rate seconds
         ticket = limiter.try_acquire(1)
         round1.append(ticket) if ticket else setattr(clock, "now", clock.now + 0.05)
-    limiter.answered(round1[0], headers, 429, retry_after=2.0)
-    assert limiter.paces["requests"].rate == pytest.approx(target * DECREASE)
+    spent = limits(requests=(600, 0, "6s"), tokens=(10**6, 10**6 - 1000, "60ms"))  # the limit reached
+    limiter.answered(round1[0], spent, 429, retry_after=2.0)  # (remaining 0 lowers by LOW_DECREASE too)
+    assert limiter.paces["requests"].rate == pytest.approx(target * LOW_DECREASE * DECREASE)
     assert limiter.delay(1) >= 2.0 - 1e-9 and limiter.try_acquire(1) is None  # nobody goes before Retry-After
-    limiter.answered(round1[1], headers, 429, retry_after=2.0)  # the same round: no second decrease
-    assert limiter.paces["requests"].rate == pytest.approx(target * DECREASE)
+    limiter.answered(round1[1], spent, 429, retry_after=2.0)  # the same round: no second decrease
+    assert limiter.paces["requests"].rate == pytest.approx(target * LOW_DECREASE * DECREASE)
     assert limiter.stats["rate_limited"] == 2
     clock.now += 2.0
     for second in range(1, 3):  # accepted answers: back by RECOVERY of the target a second
         clock.now += 1.0
         limiter.answered(limiter.try_acquire(1) or Ticket(0, 1, clock.now), headers, 200)
-        assert limiter.paces["requests"].rate == pytest.approx(target * min(1, DECREASE + second * RECOVERY), rel=0.02)
-    clock.now += 60
-    limiter.answered(Ticket(0, 1, clock.now), headers, 200)
+        assert limiter.paces["requests"].rate == pytest.approx(
+            target * min(1, LOW_DECREASE * DECREASE + second * RECOVERY), rel=0.02)
+    for _ in range(5):
+        clock.now += 12
+        limiter.answered(Ticket(0, 1, clock.now), headers, 200)
     assert limiter.paces["requests"].rate == pytest.approx(target)  # and never above it
+
+
+def test_a_429_while_the_headers_leave_most_of_the_limits_lowers_gently_and_holds_only_itself():
+    """An isolated 429 that is not the reported limits' (a stray one): PROBE_DECREASE, and the other
+    attempts go on; a second soon after is a limit the headers do not show (one enforced per second)."""
+    clock = Clock()
+    limiter = RateLimiter(256, clock=clock)
+    headers = limits(requests=(600, 599, "100ms"), tokens=(10**6, 10**6 - 1000, "60ms"))
+    limiter.answered(limiter.try_acquire(1), headers, 200)
+    target = limiter.paces["requests"].rate
+    clock.now += 1
+    limiter.answered(limiter.try_acquire(1), headers, 429, retry_after=2.0)
+    assert limiter.paces["requests"].rate == pytest.approx(target * PROBE_DECREASE)
+    assert limiter.paused_until < clock.now + 1  # no pause for everyone
+    clock.now += 1
+    assert limiter.try_acquire(1) is not None
+    clock.now += 1  # another within ISOLATED_S: a limit the headers do not show (per second): a decrease, a pause
+    limiter.answered(limiter.try_acquire(1), headers, 429, retry_after=2.0)
+    assert limiter.paces["requests"].rate < target * PROBE_DECREASE * DECREASE * 1.01
+    assert limiter.paused_until >= clock.now + 2.0 - 1e-9
+
+
+def test_without_headers_every_429_caps_the_rate_at_what_the_server_admitted():
+    """No headers: the attempts of the last second not answered 429 (a refusal comes back at once) are
+    what the server admits; a client sending three times that is brought under it."""
+    clock = Clock()
+    limiter = RateLimiter(256, clock=clock)
+    limiter.answered(limiter.try_acquire(1), {}, 200)
+    limiter.answered(limiter.try_acquire(1), {}, 429)  # pacing starts
+    limiter.paces["requests"].rate = 30.0
+    for i in range(45):  # 30 attempts a second (whatever the pace says), one in three admitted
+        clock.now += 1 / 30
+        ticket = limiter._take(1, clock.now)
+        limiter.answered(ticket, {}, 200 if i % 3 == 0 else 429)
+        limiter.release(ticket)
+    assert limiter.admitted_rate(clock.now) == pytest.approx(10, abs=1.5)
+    assert limiter.paces["requests"].rate <= limiter.admitted_rate(clock.now)
+    assert limiter.paces["requests"].refused_at == pytest.approx(10, abs=1.5)  # where it probes gently
+    for i in range(45):  # then a stray 429 among answers: the client set the rate, nothing is read
+        clock.now += 1 / 30
+        ticket = limiter._take(1, clock.now)
+        limiter.answered(ticket, {}, 429 if i == 40 else 200)
+        limiter.release(ticket)
+    assert limiter.admitted_rate(clock.now) is None
 
 
 def test_remaining_at_zero_lowers_the_rate_at_most_once_a_second():
