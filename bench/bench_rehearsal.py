@@ -26,7 +26,6 @@ import re
 import resource
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from chain import latest_line  # noqa: E402
-from personamath.llm import cost_of, price_of  # noqa: E402
+from personamath.jsonl import read_jsonl  # noqa: E402
+from personamath.llm import ResponseCache, cost_of, price_of  # noqa: E402
 
 TRAIN = [ROOT / "data" / "gsm8k" / "train.jsonl", ROOT / "data" / "math" / "MATH_train.jsonl"]
 TEST = [ROOT / "data" / "gsm8k" / "test.jsonl", ROOT / "data" / "math" / "MATH_test.jsonl"]
@@ -170,36 +170,34 @@ def cache_usage(path: Path) -> tuple[int, int, int]:
     """(answers, prompt tokens, completion tokens) held in a response cache."""
     if not path.exists():
         return 0, 0, 0
-    db = sqlite3.connect(path)
-    rows = [json.loads(value) for (value,) in db.execute("SELECT value FROM responses")]
-    db.close()
-    return len(rows), sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)
+    replies = list(ResponseCache(path).replies())
+    return len(replies), sum(r.prompt_tokens for r in replies), sum(r.completion_tokens for r in replies)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.open()] if path.exists() else []
+def rows(path: Path) -> list[dict]:
+    return read_jsonl(path) if path.exists() else []
 
 
 def checks(run: Path, k: int) -> list[tuple[str, bool, str]]:
     """No question lost or doubled, every rewrite accounted for: (check, passed, detail)."""
     gen = run / "gen"
     questions = sum(1 for path in (run / "inputs").glob("*.jsonl") for _ in path.open())
-    cot, failed = read_jsonl(gen / "cot.jsonl"), read_jsonl(gen / "cot_failed.jsonl")
+    cot, failed = rows(gen / "cot.jsonl"), rows(gen / "cot_failed.jsonl")
     cot_stats = json.loads((gen / "cot.stats.json").read_text())
     ids = [r["id"] for r in cot + failed]
     found = [("every question kept or failed, once", len(ids) == len(set(ids)) == questions,
               f"{len(cot)} kept + {len(failed)} failed = {len(ids)} of {questions} questions, "
               f"{len(ids) - len(set(ids))} twice; {len(cot_stats.get('failed_ids') or [])} requests failed for good")]
-    for stage, parents in (("persona", cot), ("reflection_persona", read_jsonl(gen / "reflection.jsonl"))):
-        kept, rejected = read_jsonl(gen / f"{stage}.jsonl"), read_jsonl(gen / f"{stage}_rejected.jsonl")
-        rows = kept + rejected
-        per_parent = Counter(r["parent_id"] for r in rows)
+    for stage, parents in (("persona", cot), ("reflection_persona", rows(gen / "reflection.jsonl"))):
+        kept, rejected = rows(gen / f"{stage}.jsonl"), rows(gen / f"{stage}_rejected.jsonl")
+        rewrites = kept + rejected
+        per_parent = Counter(r["parent_id"] for r in rewrites)
         short = [p["id"] for p in parents if per_parent[p["id"]] != k]
-        doubled = len(rows) - len({r["id"] for r in rows})
+        doubled = len(rewrites) - len({r["id"] for r in rewrites})
         found.append((f"{stage}: {k} rewrites of each parent, once each", not short and not doubled,
                       f"{len(kept)} kept + {len(rejected)} rejected for {len(parents)} parents; {len(short)} "
                       f"parents without exactly {k}; {doubled} ids twice"))
-    final = read_jsonl(run / "dataset" / "PersonaMathQA.jsonl")
+    final = rows(run / "dataset" / "PersonaMathQA.jsonl")
     doubled = len(final) - len({r["id"] for r in final})
     found.append(("dataset: no row twice", not doubled, f"{len(final)} rows, {doubled} ids twice"))
     return found

@@ -30,6 +30,7 @@ import math
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,6 +169,11 @@ class ResponseCache:
 
     def __contains__(self, key: str) -> bool:
         return self.db.execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone() is not None
+
+    def replies(self) -> Iterator[Reply]:
+        """Every cached answer (an account of what was paid for)."""
+        for (value,) in self.db.execute("SELECT value FROM responses"):
+            yield Reply(**json.loads(value), cached=True)
 
 
 @dataclass

@@ -453,7 +453,7 @@ class RateLimiter:
             self.window.read(*found[kind], resets[kind])
         for kind, (limit, remaining) in found.items():
             pace = self.paces[kind]
-            cost = 1 if kind == "requests" else max(1.0, self._mean_tokens())
+            cost = self._cost(kind)
             pace.others = self.shares.read(kind, ticket.sent_at, ticket.own_sent.get(kind, 0.0), limit, remaining,
                                            cost, limit / self.window.seconds)
             pace.set_limit(limit, self.window.seconds)
@@ -466,11 +466,12 @@ class RateLimiter:
 
     def _plenty_left(self) -> bool:
         """Whether the latest headers leave more than LOW_REMAINING of every limit they report."""
-        return all(s["remaining"] > max(LOW_REMAINING * s["limit"], 1 if kind == "requests" else self._mean_tokens())
-                   for kind, s in self.seen.items())
+        return all(s["remaining"] > max(LOW_REMAINING * s["limit"], self._cost(kind)) for kind, s in self.seen.items())
 
-    def _mean_tokens(self) -> float:
-        return self._tokens or 0.0
+    def _cost(self, kind: str, ticket: Ticket | None = None) -> float:
+        """What one request takes of a limit: 1 request, or its tokens (the average accepted attempt's,
+        else this one's)."""
+        return 1.0 if kind == "requests" else max(1.0, self._tokens or (ticket.tokens if ticket else 0))
 
     def _refused(self, ticket: Ticket, retry_after: float | None, now: float, limits_left: bool = False) -> None:
         """A 429. `limits_left`: an isolated one whose headers say the limits they report are far from
@@ -506,8 +507,7 @@ class RateLimiter:
             if admitted:  # and at most what the server admitted (a burst over a full bucket drains it)
                 sending = min(sending, admitted)
             for kind, pace in self.paces.items():
-                unit = 1 if kind == "requests" else max(1.0, self._tokens or ticket.tokens)
-                pace.rate = DECREASE * sending * unit
+                pace.rate = DECREASE * sending * self._cost(kind, ticket)
                 pace.climbed_at = now + (retry_after or 0.0)
             self._set_concurrency(self.ceiling)
             return
@@ -522,7 +522,7 @@ class RateLimiter:
         was above it; whether it was."""
         capped = False
         for kind, pace in self.paces.items():
-            unit = 1 if kind == "requests" else max(1.0, self._tokens or ticket.tokens)
+            unit = self._cost(kind, ticket)
             if pace.rate is not None and pace.target is None and pace.rate > admitted * unit:
                 pace.refused_at, pace.rate = admitted * unit, max(DECREASE * admitted * unit, 1e-3)
                 capped = True
