@@ -32,4 +32,5 @@ bench: setup
 	$(PY) bench/bench_generation.py
 	$(PY) bench/bench_ratelimit.py
 	$(PY) bench/bench_rehearsal.py --judge_top_k 1
+	$(PY) bench/bench_viewer.py
 	$(PY) bench/bench_train.py

@@ -19,12 +19,14 @@ the same command resumes where it stopped.
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -156,7 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def checked(path: Path, recipe: dict, argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(["--config", str(path), *argv])
-    check_sections(path, recipe)
+    # In a process of its own: the training stack the parsers import (about 600 MiB) is not held by the
+    # chain through the hours its steps run
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as checker:
+        checker.submit(check_sections, path, recipe).result()
     args.settings_used = parser.settings_used(args)
     return args
 

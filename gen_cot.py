@@ -17,7 +17,8 @@ from personamath.data import load_any
 from personamath.config import write_settings_used
 from personamath.errors import exit_on_user_error
 from personamath.async_grading import AsyncGrader
-from personamath.stage import Outcome, make_client, print_estimate, run_items, stage_parser, write_stage
+from personamath.stage import (Outcome, StageOutput, make_client, print_estimate, run_items, stage_parser,
+                              write_stage)
 from personamath.steps import SOLVE, solve, solve_messages
 
 DEFAULT_INPUTS = ["data/gsm8k/train.jsonl", "data/math/MATH_train.jsonl"]
@@ -69,13 +70,14 @@ def main(argv=None) -> int:
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:
-        result = asyncio.run(run_items(
-            questions, lambda q: solve_question(llm, grader, q[0], q[1], args.num_samples), llm, "gen_cot",
-            max_requests_per_item=args.num_samples, stall_timeout=args.stall_timeout,
-            item_id=lambda q: f"{q[0]}/{q[1].id}"))
+        with StageOutput(output_dir, "cot", rejected_name="cot_failed") as output:
+            result = asyncio.run(run_items(
+                questions, lambda q: solve_question(llm, grader, q[0], q[1], args.num_samples), llm, "gen_cot",
+                max_requests_per_item=args.num_samples, stall_timeout=args.stall_timeout, emit=output.add,
+                item_id=lambda q: f"{q[0]}/{q[1].id}"))
     finally:
         grader.close()
-    return write_stage(output_dir, "cot", result, llm, rejected_name="cot_failed", grading=grader.tally,
+    return write_stage(output, result, llm, grading=grader.tally,
                        extra={"num_samples": args.num_samples, "prompt_version": SOLVE.version})
 
 

@@ -18,7 +18,8 @@ from personamath.config import write_settings_used
 from personamath.errors import exit_on_user_error
 from personamath.personas import add_persona_args, persona_pool
 from personamath.async_grading import AsyncGrader
-from personamath.stage import make_client, print_estimate, read_stage_rows, run_items, stage_parser, write_stage
+from personamath.stage import (StageOutput, make_client, print_estimate, read_stage_rows, run_items, stage_parser,
+                              write_stage)
 from personamath.steps import REWRITE, SOLVE, persona_requests, persona_variants
 
 def build_parser():
@@ -42,13 +43,14 @@ def main(argv=None) -> int:
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:
-        result = asyncio.run(run_items(
-            rows, lambda row: persona_variants(llm, grader, row, pool, args.k, args.persona_seed, "persona"), llm,
-            "persona_augment", max_requests_per_item=2 * args.k + (pool is None), stall_timeout=args.stall_timeout))
+        with StageOutput(output_dir, "persona", rejected_name="persona_rejected") as output:
+            result = asyncio.run(run_items(
+                rows, lambda row: persona_variants(llm, grader, row, pool, args.k, args.persona_seed, "persona"),
+                llm, "persona_augment", max_requests_per_item=2 * args.k + (pool is None),
+                stall_timeout=args.stall_timeout, emit=output.add))
     finally:
         grader.close()
-    return write_stage(output_dir, "persona", result, llm, rejected_name="persona_rejected", grading=grader.tally,
-                       rows_required=False,
+    return write_stage(output, result, llm, grading=grader.tally, rows_required=False,
                        extra={"k": args.k, "persona_source": args.persona_source or ("file" if args.persona_file else "builtin"),
                               "prompt_versions": [REWRITE.version, SOLVE.version]})
 

@@ -11,6 +11,8 @@ and when the answer is wrong the LLM reflects on it; the rewrite is kept if it e
 prompt (the question) shows all the response refers to;
 --format reflection: the response holds the reflection and the corrected solution, and the row keeps
 the wrong attempt it reflects on (`wrong_attempt`), which training shows in the prompt.
+Either way the stage's rows record the reflection (`reflection`) and the attempt it reflected on
+(`reflected_on`), for the dataset viewer; PersonaMathQA.jsonl does not carry them.
 Reads OUTPUT_DIR/cot_failed.jsonl (or --input); writes reflection.jsonl, reflection_failed.jsonl,
 reflection_persona.jsonl, reflection_persona_rejected.jsonl and a .stats.json for each phase.
 """
@@ -22,8 +24,8 @@ from personamath.config import write_settings_used
 from personamath.errors import UserError, exit_on_user_error
 from personamath.personas import add_persona_args, persona_pool
 from personamath.async_grading import AsyncGrader, GradingTally
-from personamath.stage import (Outcome, fresh_ledger, make_client, print_estimate, read_stage_rows, run_items,
-                               stage_parser, write_stage)
+from personamath.stage import (Outcome, StageOutput, fresh_ledger, make_client, print_estimate, read_stage_rows,
+                               run_items, stage_parser, write_stage)
 from personamath.steps import REFLECT, REWRITE, SOLVE, persona_requests, persona_variants, reflect, reflect_messages
 
 
@@ -53,7 +55,8 @@ async def correct_question(llm, grader, row, fmt) -> Outcome:
                                                "solution": solution, "reason": "still wrong after reflection"}])
     response, shown = reflected_response(reflection, solution, wrong, fmt)
     return Outcome(attempted=1, kept=[{
-        **base, "stage": "reflection", "response": response, "wrong_attempt": shown, "persona": None,
+        **base, "stage": "reflection", "response": response, "wrong_attempt": shown, "reflection": reflection,
+        "reflected_on": wrong, "persona": None,
         "persona_id": None, "level": row.get("level"), "subject": row.get("subject"), "model": llm.model,
         "prompt_version": REFLECT.version}])
 
@@ -62,7 +65,7 @@ async def augment_corrected(llm, grader, row, pool, args) -> Outcome:
     async def fix(problem, wrong):
         reflection, solution, correct = await reflect(llm, grader, row["source"], problem, row["gold"], wrong)
         response, shown = reflected_response(reflection, solution, wrong, args.format)
-        return response, correct, shown
+        return response, correct, {"wrong_attempt": shown, "reflection": reflection, "reflected_on": wrong}
 
     return await persona_variants(llm, grader, row, pool, args.k, args.persona_seed, "reflection_persona", fix=fix)
 
@@ -90,11 +93,11 @@ def main(argv=None) -> int:
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:
-        corrected = asyncio.run(run_items(failed, lambda row: correct_question(llm, grader, row, args.format),
-                                          llm, "reflection", max_requests_per_item=1,
-                                          stall_timeout=args.stall_timeout))
-        status = write_stage(output_dir, "reflection", corrected, llm, rejected_name="reflection_failed",
-                             grading=grader.tally, rows_required=False,
+        with StageOutput(output_dir, "reflection", rejected_name="reflection_failed") as reflected:
+            corrected = asyncio.run(run_items(failed, lambda row: correct_question(llm, grader, row, args.format),
+                                              llm, "reflection", max_requests_per_item=1,
+                                              stall_timeout=args.stall_timeout, emit=reflected.add))
+        status = write_stage(reflected, corrected, llm, grading=grader.tally, rows_required=False,
                              extra={"format": args.format, "prompt_version": REFLECT.version})
         if status != 0:
             return status
@@ -102,13 +105,14 @@ def main(argv=None) -> int:
         llm.ledger = fresh_ledger(llm.ledger)  # phase 2 gets its own account
         grader.tally = GradingTally()  # and its own count of gradings
         # each rewrite: rewrite, solve and, when wrong, reflect
-        augmented = asyncio.run(run_items(corrected.kept, lambda row: augment_corrected(llm, grader, row, pool, args),
-                                          llm, "reflection_persona", max_requests_per_item=3 * args.k + (pool is None),
-                                          stall_timeout=args.stall_timeout))
+        with StageOutput(output_dir, "reflection_persona", rejected_name="reflection_persona_rejected") as output:
+            augmented = asyncio.run(run_items(read_stage_rows(reflected.kept.path),
+                                              lambda row: augment_corrected(llm, grader, row, pool, args), llm,
+                                              "reflection_persona", max_requests_per_item=3 * args.k + (pool is None),
+                                              stall_timeout=args.stall_timeout, emit=output.add))
     finally:
         grader.close()
-    return write_stage(output_dir, "reflection_persona", augmented, llm, rejected_name="reflection_persona_rejected",
-                       grading=grader.tally, rows_required=False,
+    return write_stage(output, augmented, llm, grading=grader.tally, rows_required=False,
                        extra={"k": args.k, "format": args.format,
                               "prompt_versions": [REWRITE.version, SOLVE.version, REFLECT.version]})
 

@@ -216,6 +216,10 @@ def write_report(run_dir: Path) -> str:
                       f"({decontamination['decided_by']}): {decontamination['removed']} rows removed as the same "
                       f"problem as a test item, {decontamination['siblings_kept']} siblings kept (see "
                       f"`dataset/stats.md`).", ""]
+            if (run_dir / "dataset/viewer.html").exists():
+                lines += ["Every row, its lineage, and every item dropped on the way with the reason: "
+                          "[dataset/viewer.html](dataset/viewer.html) (opens from disk in a browser). The dataset "
+                          "card for the Hub: [dataset/README.md](dataset/README.md).", ""]
         bar_chart(plots / "stage_yields.png", "Yield of each generation stage", [s["stage"] for s in stats],
                   {"yield": [100 * s["yield"] for s in stats]}, "kept / attempted (%)",
                   {"yield": [f"{s['kept']}/{s['attempted']}" for s in stats]})

@@ -91,7 +91,8 @@ def step_of(cmdline: list[str]) -> str:
     for step in STEPS:
         if f"{step}.py" in words:
             return step
-    return "grading workers" if "multiprocessing" in words or "spawn" in words else "chain"
+    # the stages' math-verify workers, and chain.py's recipe check (which imports the training stack)
+    return "spawned helpers" if "multiprocessing" in words or "spawn" in words else "chain"
 
 
 def get(url: str) -> dict:

@@ -179,8 +179,10 @@ def judge(pairs: list[tuple[str, str]], args, output_dir: Path) -> tuple[list[st
         reply = await llm.chat([{"role": "user", "content": prompt}], kind="judge")
         return stage.Outcome(kept=[(index, parse_verdict(reply.text))], attempted=1)
 
+    verdicts = {}
     result = asyncio.run(stage.run_items(list(enumerate(pairs)), work, llm, "judge", 1, llm_args.stall_timeout,
-                                            item_id=lambda pair: f"pair {pair[0]}"))
+                                         emit=lambda outcome: verdicts.update(outcome.kept),
+                                         item_id=lambda pair: f"pair {pair[0]}"))
     where = f"judge at {llm.base_url}"
     if result.stalled:
         raise UserError(f"{where}: stopped: {result.stalled}; the answered pairs are cached, so the same command "
@@ -193,7 +195,6 @@ def judge(pairs: list[tuple[str, str]], args, output_dir: Path) -> tuple[list[st
         failed = len(result.failed_ids) + len(result.rejected_by_server)
         raise UserError(f"{where}: {failed} of {len(pairs)} requests failed after every retry; the answered ones "
                         f"are cached, so a rerun sends only these")
-    verdicts = dict(result.kept)
     account = {"model": llm.model, "base_url": llm.base_url, "prompt": JUDGE.version, "pairs": len(pairs),
                "requests": llm.ledger.requests, "cache_hits": llm.ledger.cache_hits,
                "spent_usd_at_most": llm.spent, "max_cost_usd": llm.max_cost, "ledger": llm.ledger.as_dict(),

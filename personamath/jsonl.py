@@ -29,15 +29,43 @@ def read_jsonl(path) -> list[dict]:
     return [record for _, record in iter_jsonl(path)]
 
 
+class JsonlWriter:
+    """Records written one at a time to a temporary file beside `path`, renamed over it by commit()
+    (atomic on POSIX): `path` never holds a half-written file, and a writer closed without commit
+    (the run failed) removes its temporary file and leaves `path` as it was."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.file = self.tmp.open("w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *rest):
+        self.discard() if kind is not None else self.commit()
+
+
 def write_jsonl(path, records: Iterable[dict]) -> None:
     """Write all records to a temporary file, then rename it over `path` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with JsonlWriter(path) as out:
         for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+            out.write(record)
 
 
 def write_text(path, text: str) -> None:

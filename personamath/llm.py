@@ -287,6 +287,11 @@ class LLMClient:
         self.throttled = 0  # requests waiting out a 429's Retry-After
         self.waiting_since = time.monotonic()  # the last answer from the server, or when requests began waiting
 
+    @property
+    def concurrency(self) -> int:
+        """The most requests in flight at once (--concurrency)."""
+        return self._concurrency
+
     def _ensure_client(self):
         if self._client is None:
             from openai import AsyncOpenAI

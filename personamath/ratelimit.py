@@ -20,15 +20,15 @@ spread over time and never burst, whatever the headers say is left. The rates co
   sending explains), never below MIN_SHARE of it;
 - 429s: each multiplies the rates by DECREASE (once per round of attempts, and once per LOWER_GAP_S
   after the pause) and holds every attempt until its Retry-After; one whose headers leave most of
-  every limit, the first for ISOLATED_S (a 429 for another reason), by PROBE_DECREASE, holding only
-  itself. Without headers, the first 429 starts a pace under the rate the server took, and
-  every 429 caps the rates at DECREASE of the rate the server admitted over the last ADMITTED_S (the
-  attempts not answered 429: a refusal comes back at once, an answer takes its time), where it refused
-  enough of them (SATURATED) to be at its limit. The rate then
-  climbs back by RECOVERY of its target a second (additive increase, multiplicative decrease: clients
-  sharing a limit converge to equal shares); without a target, slowly near the rate of the last 429
-  (a 429 there lowers it by PROBE_DECREASE only), so that probing above it costs a 429 now and then,
-  not a stream of them;
+  every limit (or, without headers of its own, the latest answer's did), the first in ISOLATED_ATTEMPTS
+  attempts (a 429 for another reason), by PROBE_DECREASE, holding only itself. Without headers, the
+  first 429 starts a pace under the rate the server took, and every 429 caps the rates at DECREASE of
+  the rate the server admitted over the last ADMITTED_S (the attempts not answered 429: a refusal
+  comes back at once, an answer takes its time), where it refused enough of them (SATURATED) to be
+  at its limit. The rate then climbs back by RECOVERY of its target a second (additive increase,
+  multiplicative decrease: clients sharing a limit converge to equal shares); without a target, slowly
+  near the rate of the last 429 (a 429 there lowers it by PROBE_DECREASE only), so that probing above
+  it costs a 429 now and then, not a stream of them;
 - the headers' remaining at (or near) zero, which says the limit is reached before a 429 does: the
   rates are lowered by LOW_DECREASE, at most once a second.
 
@@ -50,7 +50,7 @@ DEFAULT_WINDOW = 60.0  # seconds a limit takes to refill from empty: RPM and TPM
 MIN_WINDOW, MAX_WINDOW = 1.0, 60.0  # a window read from the headers outside these is not believed
 MIN_USED = 10  # a window is read only from this many units used (remaining is rounded down: within 5%)
 MIN_RESET = 0.01  # nor from a shorter reset (headers round it to the millisecond: within 5%)
-WINDOW_READINGS = 9  # the window believed is the median of this many readings (rounding errors cancel)
+WINDOW_READINGS = 25  # the window believed is the median of this many readings (rounding errors cancel)
 DECREASE = 0.85  # a 429: the rates times this
 LOW_DECREASE = 0.95  # the headers' remaining near zero: the rates times this, at most once a second
 LOW_REMAINING = 0.02  # "near zero": this share of the limit (at least one request's cost)
@@ -61,7 +61,7 @@ PROBE_DECREASE = 0.95  # a 429 met while probing near the rate of the last one: 
 ADMITTED_S = 1.0  # without headers, what the server admits is read over the attempts of this long ...
 REFUSAL_MARGIN_S = 0.05  # ... that went this long ago, and twice as long as a 429 takes to come back,
 SATURATED = 0.1  # ... where this share of them, and two at least, was refused (a stray 429 is no limit)
-ISOLATED_S = 10.0  # a 429 that leaves most of the limits, the first for this long: gently (PROBE_DECREASE)
+ISOLATED_ATTEMPTS = 100  # a 429 that leaves most of the limits, the first in this many attempts (1%): gently
 LOWER_GAP_S = 1.0  # a 429 lowers the rates at most once this long after the last decrease's pause
 PROBE_GROWTH = 0.2  # no limit known yet (a 429 while sending in bursts): the rates grow this share a second
 CATCH_UP_S = 0.05  # lateness the pace makes up for (a short burst), so that it does not fall behind
@@ -211,7 +211,7 @@ class Shares:
         marks = self.marks[kind]
         if remaining >= limit - cost:  # full: nothing to read, and the others take no share of the limit
             marks.clear()
-            self.others[kind] *= 0.5
+            self.others[kind] = max(0.0, self.others[kind]) * 0.5
             return self.others[kind]
         marks.append((sent_at, own_sent, remaining))
         while len(marks) > 2 and marks[1][0] <= sent_at - SHARES_S:
@@ -220,9 +220,12 @@ class Shares:
         span = sent_at - first[0]
         if span >= SHARES_S / 2:
             taken = refill * span - (remaining - first[2])  # by every client, as the server counted
-            others = max(0.0, (taken - (own_sent - first[1])) / span)
+            # Each reading is noisy both ways (the window is read within a few %, the attempts reach the
+            # server a little later than they went, not in order): averaged unclipped, so that noise
+            # cancels instead of adding up to a share of nobody's
+            others = (taken - (own_sent - first[1])) / span
             self.others[kind] += SHARES_SMOOTHING * (others - self.others[kind])
-        return self.others[kind]
+        return max(0.0, self.others[kind])
 
 
 @dataclass
@@ -267,7 +270,7 @@ class RateLimiter:
         self._sent_times = deque()  # when the attempts of the last few seconds went
         self._refused_times = deque()  # when those of them answered 429 went
         self._refusal_rtt = 0.0  # how long a 429 took to come back, at most, lately
-        self._limits_left_at = -math.inf  # the last 429 whose headers left most of the limits
+        self._limits_left_seq = -ISOLATED_ATTEMPTS  # the attempt of the last 429 that left most of the limits
         self._lowered_at = -math.inf  # when a 429 last lowered the rates
         self._tokens = None  # tokens of an accepted attempt, smoothed
         self.last_accepted_at = clock()  # the latest answer below 400 (or the start)
@@ -419,11 +422,13 @@ class RateLimiter:
         if self.reports_limits is None and headers is not None:
             self.reports_limits = found
         if status == 429:
-            # One whose headers leave most of the limits, the first for ISOLATED_S: a stray one; a second
-            # says a limit the headers do not show (enforced per second) is reached
-            limits_left = found and self._plenty_left()
-            isolated = limits_left and now - self._limits_left_at >= ISOLATED_S
-            self._limits_left_at = now if limits_left else self._limits_left_at
+            # One that leaves most of the limits (by its headers, or by the latest answer's where a server
+            # that reports them sent none with it), the first in ISOLATED_ATTEMPTS: a stray one; another
+            # sooner says a limit the headers do not show (enforced per second) is reached. Counted in
+            # attempts, not seconds: at any rate, strays that rare keep the 429s under 1%.
+            limits_left = (found or bool(self.reports_limits)) and self._plenty_left()
+            isolated = limits_left and ticket.seq - self._limits_left_seq >= ISOLATED_ATTEMPTS
+            self._limits_left_seq = ticket.seq if limits_left else self._limits_left_seq
             self._refused(ticket, retry_after, now, limits_left=isolated)
         elif status is not None and status < 400:
             self.last_accepted_at, self.refused_since = now, 0

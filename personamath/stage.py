@@ -2,8 +2,10 @@
 watchdog, batch driver), and its outputs, stats and exit status.
 
 A stage is a function `work(item) -> Outcome` (made of steps.py's steps) run over all items
-concurrently. Its outputs are written once, at the end, from the outcomes; what makes a killed run cheap
-is the response cache (llm.py), from which a rerun rebuilds every finished item without a request.
+concurrently. Each item's rows are written as it finishes, in input order (StageOutput), so that memory
+holds only the counts and the items in progress; the files take their names only when the stage ends.
+What makes a killed run cheap is the response cache (llm.py), from which a rerun rebuilds every
+finished item without a request.
 """
 import asyncio
 import sys
@@ -16,7 +18,7 @@ from .async_grading import GradingFailed, GradingTally
 from .batch_state import STATE_FILE
 from .config import RecipeParser
 from .errors import UserError
-from .jsonl import iter_jsonl, write_json, write_jsonl
+from .jsonl import JsonlWriter, iter_jsonl, write_json
 from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, LLMRejected, add_llm_args, cost_of
 from .progress import RequestProgress
 from .provenance import provenance
@@ -25,6 +27,10 @@ EXIT_BUDGET = 3  # --max_cost reached: outputs hold what finished, a rerun with 
 EXIT_FAILED_REQUESTS = 4  # some requests failed after every retry: a rerun retries just those
 EXIT_STALLED = 5  # the server answered nothing for --stall_timeout: outputs hold what finished, a rerun resumes
 EXIT_GRADING_FAILED = 6  # grading failed too often (GradingTally.count): outputs hold what finished, a rerun resumes
+# Online, items start as earlier ones finish, this many per request slot (--concurrency): enough to keep
+# every slot busy (an item sends its requests one after another), and memory holds those items' tasks,
+# not a waiting task for every input (about 20 KB each: 300 MiB at 15K questions)
+ITEMS_PER_SLOT = 2
 
 
 def stage_parser(name: str, description: str) -> RecipeParser:
@@ -67,10 +73,35 @@ class Outcome:
     attempted: int = 0  # units of work tried (questions, rewrites)
 
 
+class StageOutput:
+    """A stage's rows, handed over by run_items (emit=output.add) as its items finish, in input order: the
+    kept ones to NAME.jsonl, the others with their reasons to REJECTED_NAME.jsonl. Written through
+    temporary files that take those names when the `with` block ends without an error; after an error
+    they are removed and the files of the last complete run stay."""
+
+    def __init__(self, output_dir: Path, name: str, rejected_name: str):
+        self.output_dir, self.name, self.rejected_name = Path(output_dir), name, rejected_name
+        self.kept = JsonlWriter(self.output_dir / f"{name}.jsonl")
+        self.rejected = JsonlWriter(self.output_dir / f"{rejected_name}.jsonl")
+
+    def add(self, outcome: Outcome) -> None:
+        for row in outcome.kept:
+            self.kept.write(row)
+        for row in outcome.rejected:
+            self.rejected.write(row)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *rest):
+        for writer in (self.kept, self.rejected):
+            writer.__exit__(kind, *rest)
+
+
 @dataclass
 class StageResult:
-    kept: list[dict]
-    rejected: list[dict]
+    kept: int  # rows kept
+    reasons: Counter  # rejected rows by reason
     inputs: int
     attempted: int
     finished: int  # items done; fewer than inputs when the budget, the stall watchdog or grading stopped the run
@@ -97,13 +128,28 @@ async def _watch_for_stall(llm: LLMClient, timeout: float) -> None:
 
 
 async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_per_item: int,
-                    stall_timeout: float, item_id=lambda item: item["id"]) -> StageResult:
-    """Run `work` over every item concurrently (the client bounds requests in flight), in input order.
+                    stall_timeout: float, emit, item_id=lambda item: item["id"]) -> StageResult:
+    """Run `work` over every item concurrently (the client bounds requests in flight); each finished
+    item's Outcome goes to `emit`, in input order (one that finishes early waits for those before it).
     `max_requests_per_item` (the most requests one item can make) sizes the progress bar. If the
     server answers nothing for `stall_timeout` seconds, or grading fails too often (GradingFailed), the
     run stops with what finished."""
-    outcomes: list[Outcome | None] = [None] * len(items)
+    waiting: dict[int, Outcome] = {}  # finished before an item ahead of them
+    next_index = 0  # the first item not emitted
+    counts = {"kept": 0, "attempted": 0, "finished": 0, "reasons": Counter()}
     failed_ids, rejected_by_server = [], []
+
+    def finish(i: int, outcome: Outcome) -> None:
+        nonlocal next_index
+        counts["kept"] += len(outcome.kept)
+        counts["attempted"] += outcome.attempted
+        counts["finished"] += 1
+        counts["reasons"].update(r["reason"] for r in outcome.rejected if r.get("reason"))
+        waiting[i] = outcome
+        while next_index in waiting:
+            emit(waiting.pop(next_index))
+            next_index += 1
+
     progress = RequestProgress(desc, len(items), max_requests_per_item)
     llm.on_reply = lambda reply: progress.request_done(reply.completion_tokens, reply.cached)
 
@@ -112,23 +158,31 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
         requests = [0]
         ITEM_REQUESTS.set(requests)  # this item's task (and the tasks it starts) count on it
         try:
-            outcomes[i] = await work(item)
+            outcome = await work(item)
         except BudgetExceeded:
             return  # the item stays unfinished; its cached requests are reused by a rerun
         except GradingFailed as err:  # every item stops, as after a stall; answers are cached for a rerun
             grading_failed = grading_failed or str(err)
-            everything.cancel()
+            stop()
             return
         except LLMRejected as err:  # final: the item is done, with nothing kept
             rejected_by_server.append({"id": item_id(item), "message": str(err)})
-            outcomes[i] = Outcome()
+            outcome = Outcome()
             progress.write(f"{desc}: {item_id(item)}: rejected by the server: {err}")
         except LLMError as err:
             failed_ids.append(item_id(item))
-            outcomes[i] = Outcome()
+            outcome = Outcome()
             progress.write(f"{desc}: {item_id(item)}: {err}")
-        progress.item_done(requests[0], len(outcomes[i].kept))
+        finish(i, outcome)
+        progress.item_done(requests[0], len(outcome.kept))
 
+    def stop() -> None:
+        """Every item stops now, not at the next turn of the loop (where more answers would be graded)."""
+        everything.cancel()
+        for task in started:
+            task.cancel()
+
+    started: set[asyncio.Task] = set()  # online: the items in progress (_windowed)
     stalled = grading_failed = None
     watchdog = asyncio.ensure_future(_watch_for_stall(llm, stall_timeout))
     transport = getattr(llm, "transport", None)  # batch mode (batch.py): a driver submits what the items park
@@ -139,7 +193,7 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
             everything = asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
         driver = asyncio.ensure_future(transport.drive(everything))
     else:
-        everything = asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+        everything = asyncio.ensure_future(_windowed(items, one, ITEMS_PER_SLOT * llm.concurrency, started))
     try:
         await asyncio.wait([everything, watchdog, *([driver] if driver else [])], return_when=asyncio.FIRST_COMPLETED)
         if watchdog.done():
@@ -147,12 +201,12 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
         elif driver is not None and driver.done() and not everything.done():
             error = driver.exception()
             if not isinstance(error, batch.BatchStalled):
-                everything.cancel()
+                stop()
                 await asyncio.gather(everything, return_exceptions=True)
                 raise error or RuntimeError("the batch driver stopped before the items were done")
             stalled = str(error)
         if stalled or grading_failed:
-            everything.cancel()  # what is in flight is dropped; everything answered is in the cache
+            stop()  # what is in flight is dropped; everything answered is in the cache
             await asyncio.gather(everything, return_exceptions=True)
         else:
             watchdog.cancel()
@@ -167,27 +221,56 @@ async def run_items(items: list, work, llm: LLMClient, desc: str, max_requests_p
         llm.on_reply = None
         progress.close()
         await llm.aclose()
-    done = [o for o in outcomes if o is not None]
-    return StageResult(kept=[r for o in done for r in o.kept], rejected=[r for o in done for r in o.rejected],
-                       inputs=len(items), attempted=sum(o.attempted for o in done), finished=len(done),
-                       failed_ids=failed_ids, rejected_by_server=rejected_by_server, stalled=stalled,
-                       grading_failed=grading_failed)
+    for i in sorted(waiting):  # behind items that did not finish (the budget, a stall): in order still
+        emit(waiting[i])
+    return StageResult(kept=counts["kept"], reasons=counts["reasons"], inputs=len(items),
+                       attempted=counts["attempted"], finished=counts["finished"], failed_ids=failed_ids,
+                       rejected_by_server=rejected_by_server, stalled=stalled, grading_failed=grading_failed)
+
+
+async def _windowed(items: list, one, window: int, running: set) -> None:
+    """`one(i, item)` for every item, at most `window` at once, each started as another ends, its task in
+    `running` while it runs; the first exception an item raises stops the rest and is raised, as
+    asyncio.gather would; cancelled, every item in progress is cancelled."""
+    slots, errors = asyncio.Semaphore(window), []
+
+    def ended(task: asyncio.Task) -> None:
+        running.discard(task)
+        slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(task.exception())
+
+    try:
+        for i, item in enumerate(items):
+            await slots.acquire()
+            if errors:
+                raise errors[0]
+            task = asyncio.ensure_future(one(i, item))
+            running.add(task)
+            task.add_done_callback(ended)
+        while running and not errors:
+            await asyncio.wait(set(running), return_when=asyncio.FIRST_EXCEPTION)
+        if errors:
+            raise errors[0]
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # outputs
 
 
-def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient, rejected_name: str,
-                grading: GradingTally, extra: dict | None = None, rows_required: bool = True) -> int:
-    """Write NAME.jsonl, the rejected rows and NAME.stats.json; print the yield; return the exit status."""
-    write_jsonl(output_dir / f"{name}.jsonl", result.kept)
-    write_jsonl(output_dir / f"{rejected_name}.jsonl", result.rejected)
+def write_stage(output: StageOutput, result: StageResult, llm: LLMClient, grading: GradingTally,
+                extra: dict | None = None, rows_required: bool = True) -> int:
+    """Write NAME.stats.json beside the stage's rows (StageOutput); print the yield; return the exit status."""
+    output_dir, name, rejected_name = output.output_dir, output.name, output.rejected_name
     complete = result.finished == result.inputs
-    reasons = Counter(r["reason"] for r in result.rejected if r.get("reason"))
+    reasons = result.reasons
     invalid = sum(n for reason, n in reasons.items() if reason.startswith("invalid rewrite"))
-    stats = {"stage": name, "inputs": result.inputs, "attempted": result.attempted, "kept": len(result.kept),
-             "yield": len(result.kept) / result.attempted if result.attempted else 0.0,
+    stats = {"stage": name, "inputs": result.inputs, "attempted": result.attempted, "kept": result.kept,
+             "yield": result.kept / result.attempted if result.attempted else 0.0,
              "finished_items": result.finished, "complete": complete, "rejected_by_reason": dict(reasons),
              "invalid_rewrites": {"count": invalid, "share": invalid / result.attempted if result.attempted else 0.0},
              "request_failed_ids": result.failed_ids, "rejected_by_server": result.rejected_by_server,
@@ -196,7 +279,7 @@ def write_stage(output_dir: Path, name: str, result: StageResult, llm: LLMClient
              **({"batch": llm.transport.summary()} if getattr(llm, "transport", None) else {}),
              **(extra or {}), "provenance": provenance()}
     write_json(output_dir / f"{name}.stats.json", stats)
-    print(f"{name}: kept {len(result.kept)} of {result.attempted} attempted ({100 * stats['yield']:.1f}%) "
+    print(f"{name}: kept {result.kept} of {result.attempted} attempted ({100 * stats['yield']:.1f}%) "
           f"from {result.inputs} inputs; requests sent {llm.ledger.requests}, cached {llm.ledger.cache_hits}, "
           f"failed {llm.ledger.failed}; tokens {llm.ledger.prompt_tokens} in, {llm.ledger.completion_tokens} out; "
           f"spend {llm.ledger.spend_text()} -> {output_dir / (name + '.jsonl')}")

@@ -105,7 +105,8 @@ async def persona_variants(llm: LLMClient, grader: AsyncGrader, row: dict, pool,
                            fix=None) -> Outcome:
     """Rewrite one solved question through k personas and solve each rewrite afresh; a rewrite is kept
     if its answer is the question's gold one. `fix(problem, wrong)` may turn a wrong solution into a
-    correct one, returning (response, correct, the wrong attempt the response refers to or None)."""
+    correct one, returning (response, correct, fields for the row: the wrong attempt the response refers
+    to or None, and the record of how it was fixed)."""
     personas = await personas_for(llm, row, pool, k, seed)
 
     async def one(j, persona):
@@ -118,13 +119,13 @@ async def persona_variants(llm: LLMClient, grader: AsyncGrader, row: dict, pool,
         if invalid:  # rejected before a request is spent on solving it
             return None, {**base, "problem": problem, "reason": invalid}
         response, correct = await solve(llm, grader, row["source"], problem, row["gold"])
-        versions, wrong_attempt = f"{REWRITE.version}+{SOLVE.version}", None
+        versions, fixed = f"{REWRITE.version}+{SOLVE.version}", {"wrong_attempt": None}
         if not correct and fix is not None:
-            response, correct, wrong_attempt = await fix(problem, response)
+            response, correct, fixed = await fix(problem, response)
             versions += f"+{REFLECT.version}"
         if not correct:
-            return None, {**base, "problem": problem, "response": response, "reason": "rewrite solved wrong"}
-        return {**base, "stage": stage, "problem": problem, "response": response, "wrong_attempt": wrong_attempt,
+            return None, {**base, "problem": problem, "response": response, **fixed, "reason": "rewrite solved wrong"}
+        return {**base, "stage": stage, "problem": problem, "response": response, **fixed,
                 "level": row.get("level"), "subject": row.get("subject"), "model": llm.model,
                 "prompt_version": versions}, None
 

@@ -99,3 +99,11 @@ PYEOF
 fi
 
 "$VENV/bin/python" -m personamath.embedded_model
+
+# Headless Chromium for the dataset viewer's browser test (tests/test_viewer.py; it skips, saying why,
+# where there is none): Debian's package, where this is Debian and we may install.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+    || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1) \
+    || echo "setup.sh: note: could not install chromium; the viewer's browser test will skip" >&2
+fi

@@ -1,12 +1,13 @@
 """build_dataset.py on real files: duplicates, test-set contamination, the seeded shuffle, statistics, errors."""
 import json
+import random
 import re
 
 import pytest
 from conftest import DATA, run_here, run_script
 
 from personamath.data import load_any
-from personamath.dataset import OUTPUT_FIELDS, main
+from personamath.dataset import OUTPUT_FIELDS, main, ngrams, remove_near_duplicates, words
 from personamath.jsonl import read_jsonl, write_json, write_jsonl
 
 GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
@@ -105,6 +106,34 @@ def test_near_duplicate_threshold(tmp_path):
     assert build(tmp_path, rows, "--near_dup_threshold", "0.7")[0] == 0
     [near] = read_jsonl(tmp_path / "out" / "removed_duplicates.jsonl")
     assert (near["id"], near["duplicate_of"], near["similarity"]) == ("b", "a", round(31 / 41, 4))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
+def test_near_duplicates_are_those_a_brute_force_join_finds(threshold):
+    """The prefix-filtered join on hashed shingles removes exactly the rows that comparing every pair of
+    word 5-gram string sets removes (each row against the earlier kept ones), on 300 texts made to
+    straddle the threshold: variants of a few bases with 1-6 words changed, repeated words, short texts."""
+    rng = random.Random(threshold)
+    vocabulary = ORIGINAL.split() + ["apples", "nine", "farmer", "rain", "rain rain", "x"]
+    bases = [ORIGINAL, " ".join(reversed(ORIGINAL.split())), "rain " * 30, "one two three", ""]
+    texts = []
+    for _ in range(300):
+        tokens = rng.choice(bases).split()
+        for _ in range(rng.randrange(7) if tokens else 0):
+            tokens[rng.randrange(len(tokens))] = rng.choice(vocabulary)
+        texts.append(" ".join(tokens))
+    rows = [make_row(f"r{i}", text) for i, text in enumerate(texts)]
+    kept_sets, expected = [], []
+    for row in rows:
+        grams = ngrams(words(row["problem"]), 5)
+        similar = [len(grams & g) / len(grams | g) for g in kept_sets if grams | g]
+        if similar and max(similar) >= threshold:
+            expected.append(row["id"])
+        else:
+            kept_sets.append(grams)
+    kept, removed = remove_near_duplicates(rows, threshold)
+    assert [r["id"] for r in removed] == expected
+    assert len(expected) > 30 and len(kept) > 30  # both sides of the threshold are met
 
 
 def test_contamination_policy(tmp_path):

@@ -111,6 +111,8 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     assert json.loads((run / f"eval/{trained}/math/summary.json").read_text())["model"] == str(run / "train")
     report = (run / "report.md").read_text()
     assert f"| {base} |" in report and f"| {trained} |" in report and f"| cot | {N_GSM8K + N_MATH} |" in report
+    assert "[dataset/viewer.html](dataset/viewer.html)" in report  # the main job leaves a viewer, linked
+    assert (run / "dataset/viewer_data.js").stat().st_size > 0 and (run / "dataset/PersonaMathQA.parquet").exists()
     decontaminated = dataset["decontamination"]
     assert (f"Decontamination (judge): {decontaminated['removed']} rows removed as the same problem as a test item, "
             f"{decontaminated['siblings_kept']} siblings kept") in report

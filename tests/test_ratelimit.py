@@ -5,6 +5,7 @@ few 429s, the rows of an unlimited run, plain concurrency without headers, the b
 watchdog."""
 import asyncio
 import json
+import math
 import random
 
 import pytest
@@ -14,8 +15,8 @@ from fake_server import FakeServerConfig, RateLimits, format_duration, start_in_
 from personamath.data import load_problems
 from personamath.jsonl import read_jsonl
 from personamath.llm import cost_of, price_of
-from personamath.ratelimit import (DECREASE, INITIAL_CONCURRENCY, LOW_DECREASE, PROBE_DECREASE, RECOVERY, TARGET_SHARE,
-                                   RateLimiter, Ticket, parse_duration, request_tokens)
+from personamath.ratelimit import (DECREASE, INITIAL_CONCURRENCY, ISOLATED_ATTEMPTS, LOW_DECREASE, PROBE_DECREASE, RECOVERY, TARGET_SHARE,
+                                   RateLimiter, Shares, Ticket, parse_duration, request_tokens)
 
 GSM8K = DATA / "gsm8k" / "train.jsonl"
 MATH = DATA / "math" / "MATH_train.jsonl"
@@ -206,10 +207,70 @@ def test_a_429_while_the_headers_leave_most_of_the_limits_lowers_gently_and_hold
     assert limiter.paused_until < clock.now + 1  # no pause for everyone
     clock.now += 1
     assert limiter.try_acquire(1) is not None
-    clock.now += 1  # another within ISOLATED_S: a limit the headers do not show (per second): a decrease, a pause
+    clock.now += 1  # another within ISOLATED_ATTEMPTS: a limit the headers do not show (per second): a decrease, a pause
     limiter.answered(limiter.try_acquire(1), headers, 429, retry_after=2.0)
     assert limiter.paces["requests"].rate < target * PROBE_DECREASE * DECREASE * 1.01
     assert limiter.paused_until >= clock.now + 2.0 - 1e-9
+
+
+def test_stray_429s_rarer_than_one_in_isolated_attempts_each_lower_gently_with_or_without_headers():
+    """A server that reports its limits sends a stray 429 without them (an overload, a fault): judged by
+    the latest answer's headers. Strays ISOLATED_ATTEMPTS apart, at any rate, each cost PROBE_DECREASE
+    and no pause; the rate recovers in between."""
+    clock = Clock()
+    limiter = RateLimiter(256, clock=clock)
+    headers = limits(requests=(6000, 5999, "10ms"), tokens=(10**7, 10**7 - 1000, "6ms"))
+    limiter.answered(limiter.try_acquire(1), headers, 200)
+    target = limiter.paces["requests"].rate
+    for stray in range(3):
+        for _ in range(ISOLATED_ATTEMPTS):  # 100 a second: strays far more often than ISOLATED_S used to allow
+            clock.now += 0.01
+            ticket = limiter._take(1, clock.now)
+            limiter.answered(ticket, headers, 200)
+            limiter.release(ticket)
+        assert limiter.paces["requests"].rate == pytest.approx(target)
+        ticket = limiter._take(1, clock.now)
+        limiter.answered(ticket, {}, 429, retry_after=1.0)  # no headers with it
+        limiter.release(ticket)
+        assert limiter.paces["requests"].rate >= target * PROBE_DECREASE - 1e-9  # (within LOWER_GAP_S: not at all)
+        assert limiter.paused_until <= clock.now
+    for _ in range(10):  # one more 10 attempts later (after LOWER_GAP_S): no stray, a limit
+        clock.now += 0.15
+        ticket = limiter._take(1, clock.now)
+        limiter.answered(ticket, headers, 200)
+        limiter.release(ticket)
+    target = limiter.paces["requests"].rate
+    ticket = limiter._take(1, clock.now)
+    limiter.answered(ticket, {}, 429, retry_after=1.0)
+    assert limiter.paces["requests"].rate == pytest.approx(target * DECREASE)
+    assert limiter.paused_until >= clock.now + 1.0 - 1e-9
+
+
+@pytest.mark.parametrize("others_rate", [0.0, 100_000.0])
+def test_shares_reads_what_another_client_of_the_key_sends_and_no_one_where_none_does(others_rate):
+    """Tokens refill at 400,000 a second; this client sends 90 attempts of 4,000 a second, another
+    client 100,000 tokens a second or nothing. The readings are as noisy as at a real server: the
+    attempts reach it 0-30 ms after they went, so not in the order they went; the window is read
+    within +-3%; the sending stalls for 0.2 s every 5 s and catches up. The estimate stays near the
+    truth, with no reading throwing it far off; noise alone adds up to under 0.5% of the limit (each
+    reading clipped at zero, as before, made it 0.8%)."""
+    rng = random.Random(0)
+    shares = Shares()
+    limit, refill, cost = 24e6, 400_000.0, 4000.0
+    went, t = [], 0.0
+    while t < 30.0:  # (sent_at, own units sent by then): the attempts in the order they went
+        t += 1 / 90 if t % 5 > 0.2 else 0.2
+        went.append((t, cost * (len(went) + 1)))
+    arrivals = sorted((sent_at + rng.uniform(0, 0.03), sent_at, own) for sent_at, own in went)
+    bucket, clock, estimates = limit / 2, 0.0, []
+    for arrival, sent_at, own in arrivals:  # the server admits each, and its answer is read
+        bucket += refill * (arrival - clock) - others_rate * (arrival - clock) - cost
+        clock = arrival
+        estimate = shares.read("tokens", sent_at, own, limit, math.floor(bucket), cost, refill * rng.uniform(0.97, 1.03))
+        if sent_at > 10:
+            estimates.append(estimate)
+    assert max(estimates) - min(estimates) < 0.1 * refill  # no reading throws it far off
+    assert sum(estimates) / len(estimates) == pytest.approx(others_rate, abs=0.005 * refill)  # noise cancels
 
 
 def test_without_headers_every_429_caps_the_rate_at_what_the_server_admitted():
