@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from .jsonl import write_text
+from .config import read_settings_used
+from .jsonl import replaced, write_text
 
 DATA_FILE = "PersonaMathQA.parquet"
 # the generation stages' settings that shape the data, as each stage's settings.STAGE.yaml records them
@@ -36,9 +37,8 @@ def size_category(n: int) -> str:
 def write_parquet(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
     """The rows as Parquet, every column text (null where a row has none), in the JSONL's order."""
     schema = pa.schema([(name, pa.string()) for name in fields])
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in fields} for row in rows], schema=schema), tmp)
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in fields} for row in rows], schema=schema), tmp)
 
 
 def stage_settings(inputs: list) -> dict[str, dict]:
@@ -46,10 +46,9 @@ def stage_settings(inputs: list) -> dict[str, dict]:
     found = {}
     for directory in dict.fromkeys(Path(p).parent for p in inputs):
         for stage in STAGE_SETTINGS:
-            path = directory / f"settings.{stage}.yaml"
-            if path.is_file() and stage not in found:
-                used = yaml.safe_load(path.read_text()) or {}
-                found[stage] = {k: v for k, v in (used.get("settings") or {}).items() if k in SETTINGS_SHOWN}
+            used = read_settings_used(directory, stage)
+            if used and stage not in found:
+                found[stage] = {k: v for k, v in used.items() if k in SETTINGS_SHOWN}
     return found
 
 

@@ -205,6 +205,12 @@ def plain(value):
     return str(value)
 
 
+def read_settings_used(output_dir, section_name: str) -> dict:
+    """The settings a script wrote to OUTPUT_DIR/settings.SECTION.yaml ({} where it wrote none)."""
+    path = Path(output_dir) / f"settings.{section_name}.yaml"
+    return ((yaml.safe_load(path.read_text()) or {}).get("settings") or {}) if path.is_file() else {}
+
+
 def write_settings_used(output_dir, used: dict) -> Path:
     """OUTPUT_DIR/settings.SECTION.yaml: what the script ran with (personamath.config.RecipeMixin.settings_used)."""
     path = Path(output_dir) / f"settings.{used['section']}.yaml"

@@ -1,6 +1,7 @@
 """JSONL reading and writing. Errors name the file and line; writes never leave a half-written file."""
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -27,6 +28,21 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
 
 def read_jsonl(path) -> list[dict]:
     return [record for _, record in iter_jsonl(path)]
+
+
+@contextmanager
+def replaced(path):
+    """A temporary path beside `path` to write, renamed over `path` when the block ends without an error
+    (atomic on POSIX), removed when it ends with one: `path` never holds a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 class JsonlWriter:
@@ -69,11 +85,8 @@ def write_jsonl(path, records: Iterable[dict]) -> None:
 
 
 def write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path, obj) -> None:

@@ -12,12 +12,12 @@ siblings kept; and stats.json. The generation stages' rejected files are read be
 The page itself is personamath/resources/viewer.html.
 """
 import json
-import os
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .jsonl import iter_jsonl, write_text
+from .config import read_settings_used
+from .jsonl import iter_jsonl, replaced, write_text
 from .parser import final_answer
 
 PAGE = Path(__file__).parent / "resources" / "viewer.html"
@@ -110,8 +110,7 @@ def write_data_script(path: Path, data: dict) -> None:
     def literal(value) -> str:
         return json.dumps(value, ensure_ascii=False)
 
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with replaced(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         f.write("window.PERSONAMATH_VIEWER = {")
         for n, (key, value) in enumerate(data.items()):
             f.write(("," if n else "") + literal(key) + ":")
@@ -123,18 +122,6 @@ def write_data_script(path: Path, data: dict) -> None:
             else:
                 f.write(literal(value))
         f.write("};\n")
-    os.replace(tmp, path)
-
-
-def _answer_format(directory: Path) -> str:
-    """The gen_cot run's --answer_format, from the settings it wrote (boxed when there are none)."""
-    import yaml
-
-    settings = directory / "settings.gen_cot.yaml"
-    if settings.is_file():
-        used = yaml.safe_load(settings.read_text()) or {}
-        return (used.get("settings") or {}).get("answer_format") or "boxed"
-    return "boxed"
 
 
 def write_viewer(out_dir: Path, inputs: list, dataset: list[dict], removed: list[dict], siblings: list[dict],
@@ -142,7 +129,9 @@ def write_viewer(out_dir: Path, inputs: list, dataset: list[dict], removed: list
     """viewer.html and viewer_data.js in out_dir, for the dataset built from `inputs` (stage outputs);
     `removed`: build_dataset's duplicates and contaminated rows. Returns the page's path."""
     inputs = [Path(p) for p in inputs]
-    data = ViewerData(_answer_format(inputs[0].parent) if inputs else "boxed")
+    # the answers extracted as gen_cot read them, by its --answer_format
+    data = ViewerData(read_settings_used(inputs[0].parent, "gen_cot").get("answer_format", "boxed")
+                      if inputs else "boxed")
     reflected, rejected = {}, []  # the reflection stages' rows, which hold what the dataset's do not
     for path in inputs:
         stage = path.stem if path.stem in REJECTED_FILES else None
