@@ -80,8 +80,10 @@ def test_max_cost_is_never_exceeded(tmp_path, concurrency, cap):
 
 
 def test_budget_stop_then_higher_cap_pays_nothing_twice(tmp_path):
+    # the whole run costs ~$0.0012 at these answers' lengths; $0.0006 stops it whatever the timing (a cap
+    # above the whole cost stops it only while enough requests in flight reserve their worst case)
     with server() as srv:
-        stopped = gen_cot(srv, tmp_path, "--model", "gpt-4o-mini", "--max_tokens", "256", "--max_cost", "0.002",
+        stopped = gen_cot(srv, tmp_path, "--model", "gpt-4o-mini", "--max_tokens", "256", "--max_cost", "0.0006",
                           concurrency=16)
         assert stopped.returncode == 3, stopped.stderr[-2000:]
         answered_before = srv.stats()["completed"]
@@ -93,6 +95,7 @@ def test_budget_stop_then_higher_cap_pays_nothing_twice(tmp_path):
         straight = gen_cot(fresh, tmp_path / "straight", "--model", "gpt-4o-mini", "--max_tokens", "256")
         assert straight.returncode == 0
         needed = fresh.stats()["completed"]
+        assert server_spend(fresh) > 0.0006  # so the cap above stops the run by what is spent, not by timing
     assert answered_before > 0 and after["completed"] == needed  # every answer was paid for once
     assert read_jsonl(tmp_path / "cot.jsonl") == read_jsonl(tmp_path / "straight" / "cot.jsonl")
 
