@@ -33,4 +33,5 @@ bench: setup
 	$(PY) bench/bench_ratelimit.py
 	$(PY) bench/bench_rehearsal.py --judge_top_k 1
 	$(PY) bench/bench_viewer.py
+	$(PY) bench/bench_build_dataset.py
 	$(PY) bench/bench_train.py

@@ -32,14 +32,13 @@ from pathlib import Path
 import yaml
 
 from personamath.config import SHARED_PREFIX, RecipeParser, read_recipe
-from personamath.data import records
+from personamath.data import ORDER_HELP, ORDERS, TRAIN_FILES, Selection, select_records
 from personamath.errors import UserError, exit_on_user_error
 from personamath.jsonl import write_jsonl
 from personamath.precision import CHOICES, ENV_VAR
 
 ROOT = Path(__file__).resolve().parent
 RECIPES_DIR = ROOT / "configs" / "recipes"
-TRAIN_FILES = {"gsm8k": ROOT / "data/gsm8k/train.jsonl", "math": ROOT / "data/math/MATH_train.jsonl"}
 GEN_OUTPUTS = ["cot", "persona", "reflection", "reflection_persona"]
 GEN_STATS = {"gen_cot": ["cot"], "persona_augment": ["persona"], "reflection": ["reflection", "reflection_persona"]}
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -81,9 +80,9 @@ def build_parser() -> RecipeParser:
                    help="end the chain after build_dataset (the dataset only, e.g. to publish or inspect it) or after "
                         "training, with the report of what ran (default: run every step)")
     p.add_argument("--progress_interval", type=float, default=30, help="seconds between progress lines of a step")
-    p.add_argument("--slice", choices=["easy", "first"], default="first",
-                   help="easy: the questions with the shortest reference solutions (GSM8K: fewest steps; MATH: "
-                        "level 1), where a small model has a chance; first: the files' first questions")
+    p.add_argument("--slice", choices=list(ORDERS), default="first",
+                   help=f"which n_gsm8k and n_math train questions are generated from, as gen_cot.py --slice orders "
+                        f"them: {ORDER_HELP}")
     p.add_argument("--n_gsm8k", type=count, default=None, help="GSM8K train questions to generate from (or all)")
     p.add_argument("--n_math", type=count, default=None, help="MATH train questions to generate from (or all)")
     p.add_argument("--serve_embedded", type=boolean, default=False,
@@ -316,15 +315,14 @@ class Chain:
 
     # --- generation -----------------------------------------------------------------------------
     def write_slices(self) -> list[Path]:
+        """inputs/TASK_train_slice.jsonl: the first n_TASK questions (None: all) of each train file in --slice
+        order, chosen as gen_cot.py chooses them, each keeping the id it has in the train file."""
         slices = []
         for task, n in (("gsm8k", self.args.n_gsm8k), ("math", self.args.n_math)):
             if n == 0:
                 continue
-            rows = [record for _, record in records(TRAIN_FILES[task])]
-            if self.args.slice == "easy":
-                rows = easiest(task, rows)
             path = self.run_dir / "inputs" / f"{task}_train_slice.jsonl"
-            write_jsonl(path, rows[:n])  # n None: all
+            write_jsonl(path, select_records(task, ROOT / TRAIN_FILES[task], Selection(order=self.args.slice), n))
             slices.append(path)
         if not slices:
             raise UserError("chain.n_gsm8k and chain.n_math are both 0: nothing to generate from")
@@ -428,8 +426,10 @@ class Chain:
             return
         name = Path(self.base_model().rstrip("/")).name
         label = name if role == "base" else f"PersonaMath-{name}"
+        # both models also on the questions of the training set: whether training took
         self.step(f"eval_{role}", self.py("evaluate.py", "--model", model, "--output_dir",
-                                          self.run_dir / "eval" / label, "--tasks", *self.args.eval_tasks),
+                                          self.run_dir / "eval" / label, "--tasks", *self.args.eval_tasks,
+                                          "--training_questions", self.run_dir / "dataset" / "PersonaMathQA.jsonl"),
                   tuple(f"eval_{task}" for task in self.args.eval_tasks))
 
     def run(self) -> None:
@@ -448,55 +448,73 @@ class Chain:
 
     # --- the dry run --------------------------------------------------------------------------------
     def dry_run(self) -> None:
-        """Each generation stage's --dry_run over what it could be given: gen_cot over the slice; the
-        persona stage as if every question were solved, reflection as if every one failed and was then
-        corrected. A question takes one of those two ways, so the total bounds the chain's requests."""
+        """Each generation stage's --dry_run, nothing sent: gen_cot over the slices; persona_augment and
+        reflection over gen_cot's outputs once it has run, before that over the slices' questions at the yield
+        they assume (their --dry_run_solved_share, stated in their lines; in their worst case, every question).
+        Expected and worst case per stage and for the run (worst_case_of_the_run)."""
         from personamath.serve import SERVED_NAME
+        from personamath.stage import usd
 
         self.write_recipe()
         slices = self.write_slices()
         plan = self.run_dir / "dry_run"
         plan.mkdir(exist_ok=True)
-        questions = [row for path in slices for row in hypothetical_rows(path)]
-        write_jsonl(plan / "cot.jsonl", questions)
-        # a wrong attempt as long as an answer may be: max_tokens tokens of about 4 characters
-        attempt = "wrong " * (4 * int((self.args.recipe.get("reflection") or {}).get("max_tokens") or 2048) // 6)
-        write_jsonl(plan / "cot_failed.jsonl", [{**q, "attempts": [{"attempt": 0, "response": attempt}]}
-                                               for q in questions])
+        gen = self.run_dir / "gen"
+        gen.mkdir(exist_ok=True)
+        for stand_in in ("cot.jsonl", "cot_failed.jsonl"):  # what earlier dry runs priced the later stages from
+            (plan / stand_in).unlink(missing_ok=True)
+        gen_cot, gen_cot_command, _ = self.generation_steps(slices, url="")[0]
+        stage_one = gen if self.is_done(gen_cot, gen_cot_command, (gen_cot,)) else plan  # plan: without its outputs
         port = (self.run_dir / "server.port").read_text() if (self.run_dir / "server.port").exists() else "0"
         server = (["--base_url", f"http://127.0.0.1:{port}/v1", "--model", SERVED_NAME]
                   if self.args.serve_embedded else [])
-        cache = ["--cache", self.run_dir / "gen" / "llm_cache.sqlite"]
-        (self.run_dir / "gen").mkdir(exist_ok=True)
-        steps = [("gen_cot", ["--inputs", *slices]), ("persona_augment", ["--input", plan / "cot.jsonl"]),
-                 ("reflection", ["--input", plan / "cot_failed.jsonl"])]
-        total_requests, total_cost, unknown, batch = 0, 0.0, False, False
+        cache = ["--cache", gen / "llm_cache.sqlite"]
+        steps = [("gen_cot", ["--inputs", *slices]),
+                 ("persona_augment", ["--input", stage_one / "cot.jsonl", "--dry_run_inputs", *slices]),
+                 ("reflection", ["--input", stage_one / "cot_failed.jsonl", "--dry_run_inputs", *slices])]
+        estimates = {}
         for name, inputs in steps:
             command = self.py(f"{name}.py", "--output_dir", plan, *inputs, *server, *cache, "--dry_run")
             result = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True)
             if result.returncode != 0:
                 raise UserError(f"{name} --dry_run failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
             print(result.stdout.strip())
-            estimate = json.loads((plan / f"{name}.estimate.json").read_text())
-            total_requests += estimate["to_send"]
-            unknown |= estimate["cost_usd_est"] is None
-            total_cost += estimate["cost_usd_est"] or 0.0
-            batch |= estimate["batch_prices"]
+            estimates[name] = json.loads((plan / f"{name}.estimate.json").read_text())
+        total = {key: sum(e[key] or 0.0 for e in estimates.values()) for key in ("requests_expected", "cost_usd_est")}
+        total["to_send"], total["cost_usd_worst"] = worst_case_of_the_run(estimates)
+        unknown = any(e["cost_usd_est"] is None for e in estimates.values())
+        cost = (lambda usd_or_none: "unknown") if unknown else usd  # a stage without a price: no total either
+        print(f"chain --dry_run: {'':<16} {'requests: expected':>18} {'at most':>9} {'cost: expected':>15} "
+              f"{'worst case':>11}")
+        for name, e in [*estimates.items(), ("total", total)]:
+            print(f"chain --dry_run: {name:<16} {e['requests_expected']:>18,.0f} {e['to_send']:>9,.0f} "
+                  f"{cost(e['cost_usd_est']):>15} {cost(e['cost_usd_worst']):>11}")
         judge = (self.args.recipe.get("build_dataset") or {}).get("judge") == "llm"
-        cost = "unknown (a model has no price)" if unknown else f"${total_cost:.2f}"
-        print(f"chain --dry_run: at most {total_requests:,} requests to send, estimated cost {cost} (each answer "
-              f"assumed --dry_run_output_tokens long{'; at batch prices' if batch else ''})"
+        print(f"chain --dry_run: at most {total['to_send']:,.0f} requests to send, estimated cost "
+              f"{cost(total['cost_usd_est'])} expected, {cost(total['cost_usd_worst'])} worst case (expected: at the "
+              f"yields the stages assume, answers of --dry_run_output_tokens; worst case, whatever the yields: every "
+              f"request the stages may send, every answer --max_tokens long, each question the costlier of "
+              f"persona_augment's and reflection's ways; retries aside)"
+              + ("; at batch prices" if any(e["batch_prices"] for e in estimates.values()) else "")
               + ("; the decontamination judge comes on top (its pairs are known once the rows are)" if judge else "")
               + (f"; --max_cost ${self.args.max_cost} caps all of it" if self.args.max_cost is not None else ""))
 
 
-def hypothetical_rows(path: Path) -> list[dict]:
-    """A slice file's questions as a stage's input rows (what --dry_run prices)."""
-    from personamath.data import load_any
+def worst_case_of_the_run(estimates: dict) -> tuple[int, float | None]:
+    """The most requests and USD the generation stages' --dry_run estimates allow together: gen_cot's worst
+    case, then for each question the costlier of the two ways it may take, persona_augment's (solved) or
+    reflection's (failed), each at its worst (their worst_by_question)."""
+    from personamath.llm import cost_of
 
-    task, problems = load_any(str(path))
-    return [{"id": f"{task}/{p.id}", "source": task, "problem": p.question, "gold": p.gold, "level": p.level,
-             "subject": p.subject} for p in problems]
+    requests, usd = estimates["gen_cot"]["to_send"], estimates["gen_cot"]["cost_usd_worst"]
+    ways = [estimates["persona_augment"], estimates["reflection"]]
+    for question in set().union(*(way["worst_by_question"] for way in ways)):
+        sent = [way["worst_by_question"].get(question, (0, 0)) for way in ways]
+        costs = [cost_of(way["price_per_million_tokens"], prompt, n * way["max_tokens"])
+                 for way, (n, prompt) in zip(ways, sent)]
+        requests += max(n for n, _ in sent)
+        usd = None if usd is None or None in costs else usd + max(costs)
+    return requests, usd
 
 
 def latest_line(log: Path, limit: int = 240) -> str:
@@ -506,14 +524,6 @@ def latest_line(log: Path, limit: int = 240) -> str:
         text = f.read().decode(errors="replace")
     lines = [line.strip() for line in re.split(r"[\r\n]", ANSI_ESCAPE.sub("", text)) if line.strip()]
     return lines[-1][:limit] if lines else "(no output yet)"
-
-
-def easiest(task: str, rows: list[dict]) -> list[dict]:
-    """Rows ordered from easiest: GSM8K by the number of calculation steps of the reference solution,
-    then its length; MATH level 1 first, then by the length of the solution. Stable, so reproducible."""
-    if task == "gsm8k":
-        return sorted(rows, key=lambda r: (r["answer"].count("<<"), len(r["answer"])))
-    return sorted(rows, key=lambda r: (r.get("level") != "Level 1", len(r["solution"])))
 
 
 def main(argv=None) -> None:

@@ -2,8 +2,9 @@
 
     python eval_gsm8k.py --model PATH --data_file GSM8K_test.jsonl
 
---protocol authors generates exactly as the authors' script did (their stop list, 4096 tokens): the
-protocol to compare with the published table; the default, ours, stops only at the next Alpaca block.
+By default it generates exactly as the authors' script did (--protocol authors: their stop list, 4096
+tokens), the protocol to compare with the published table; --protocol ours stops only at the next
+Alpaca block (and takes --prompt chat).
 See `python eval_gsm8k.py --help` and personamath/evaluation.py.
 """
 from personamath.evaluation import main

@@ -18,14 +18,16 @@ from personamath.config import write_settings_used
 from personamath.errors import exit_on_user_error
 from personamath.personas import add_persona_args, persona_pool
 from personamath.async_grading import AsyncGrader
-from personamath.stage import (StageOutput, make_client, print_estimate, read_stage_rows, run_items, stage_parser,
-                              write_stage)
+from personamath.llm import Planned
+from personamath.stage import (StageOutput, add_dry_run_inputs_arg, assumed_input, make_client, print_estimate,
+                               read_stage_rows, run_items, stage_parser, write_stage)
 from personamath.steps import REWRITE, SOLVE, persona_requests, persona_variants
 
 def build_parser():
     p = stage_parser("persona_augment", __doc__.splitlines()[0])
     p.add_argument("--input", default=None, help="stage-1 output (default: OUTPUT_DIR/cot.jsonl)")
     add_persona_args(p, k_help="K1: personas (rewrites) per question")
+    add_dry_run_inputs_arg(p, "cot.jsonl")
     return p
 
 
@@ -33,13 +35,22 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
-    rows = read_stage_rows(args.input or output_dir / "cot.jsonl")[:args.limit]
+    input_path = Path(args.input or output_dir / "cot.jsonl")
+    rows = None if args.dry_run and not input_path.exists() else read_stage_rows(input_path)[:args.limit]
     pool = persona_pool(args)
     llm = make_client(args, output_dir)
     write_settings_used(output_dir, parser.settings_used(args))
     if args.dry_run:
-        print_estimate("persona_augment", llm, persona_requests(rows, pool, args.k, args.persona_seed), output_dir,
-                       note=" (solve requests estimated from the original question)")
+        chance, assumed = 1.0, ""
+        if rows is None:  # before gen_cot has run
+            rows, chance, assumed = assumed_input(args.dry_run_inputs, args.dry_run_solved_share, args.limit,
+                                                  input_path, "solved by gen_cot (--dry_run_solved_share)")
+        # row by row: the requests of every row at once would hold a prompt per request in memory
+        planned = (Planned(messages, sample, chance, question=row["id"]) for row in rows
+                   for messages, sample in persona_requests([row], pool, args.k, args.persona_seed))
+        print_estimate("persona_augment", llm, planned, output_dir,
+                       assumed="; ".join(filter(None, [assumed, "every rewrite is solved, its solve priced on the "
+                                                                "original question and the persona"])))
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:

@@ -24,8 +24,9 @@ from personamath.config import write_settings_used
 from personamath.errors import UserError, exit_on_user_error
 from personamath.personas import add_persona_args, persona_pool
 from personamath.async_grading import AsyncGrader, GradingTally
-from personamath.stage import (Outcome, StageOutput, fresh_ledger, make_client, print_estimate, read_stage_rows,
-                               run_items, stage_parser, write_stage)
+from personamath.llm import Planned, stand_in_answer
+from personamath.stage import (Outcome, StageOutput, add_dry_run_inputs_arg, assumed_input, fresh_ledger, make_client,
+                               print_estimate, read_stage_rows, run_items, share, stage_parser, write_stage)
 from personamath.steps import REFLECT, REWRITE, SOLVE, persona_requests, persona_variants, reflect, reflect_messages
 
 
@@ -36,6 +37,13 @@ def build_parser():
                    help="what a reflected row's response holds: the corrected solution (default), or the reflection "
                         "and the corrected solution, with the wrong attempt kept in the row for the training prompt")
     add_persona_args(p, k_help="K2: personas (rewrites) per corrected question")
+    add_dry_run_inputs_arg(p, "cot_failed.jsonl")
+    p.add_argument("--dry_run_corrected_share", type=share, default=0.5,
+                   help="--dry_run's expected case: the share of failed questions that reflection corrects (default "
+                        "0.5: an assumption, not measured)")
+    p.add_argument("--dry_run_wrong_first_share", type=share, default=0.3,
+                   help="--dry_run's expected case: the share of phase 2's rewrites solved wrong at first, so "
+                        "reflected on (default 0.3: an assumption, not measured)")
     return p
 
 
@@ -70,12 +78,35 @@ async def augment_corrected(llm, grader, row, pool, args) -> Outcome:
     return await persona_variants(llm, grader, row, pool, args.k, args.persona_seed, "reflection_persona", fix=fix)
 
 
+def planned_requests(failed: list[dict], chance: float, pool, args):
+    """Every request the stage may send for these failed questions (each one with `chance`), for --dry_run: the
+    reflection on each; then, for those corrected, the rewrites through personas, their solves and the
+    reflections on the wrong ones. An attempt not known yet is a stand-in as long as an answer."""
+    expected_wrong = stand_in_answer(min(args.dry_run_output_tokens, args.max_tokens))
+    worst_wrong = stand_in_answer(args.max_tokens, bound=True)
+    corrected, wrong_first = args.dry_run_corrected_share, args.dry_run_wrong_first_share
+    for row in failed:  # row by row: every request at once would hold a prompt per request in memory
+        if row.get("attempts"):
+            yield Planned(reflect_messages(row["problem"], row["attempts"][-1]["response"]), 0, chance,
+                          question=row["id"])
+        else:  # a question of --dry_run_inputs
+            yield Planned(reflect_messages(row["problem"], worst_wrong), 0, chance,
+                          reflect_messages(row["problem"], expected_wrong), row["id"])
+        sure = persona_requests([row], pool, args.k, args.persona_seed)  # the rest: the reflections on wrong solves
+        for (messages, sample), (expected, _) in zip(
+                persona_requests([row], pool, args.k, args.persona_seed, worst_wrong),
+                persona_requests([row], pool, args.k, args.persona_seed, expected_wrong)):
+            reflected = 1.0 if (messages, sample) in sure else wrong_first
+            yield Planned(messages, sample, chance * corrected * reflected, expected, row["id"])
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
-    input_path = args.input or output_dir / "cot_failed.jsonl"
-    failed = read_stage_rows(input_path)[:args.limit]
+    input_path = Path(args.input or output_dir / "cot_failed.jsonl")
+    input_missing = args.dry_run and not input_path.exists()  # priced from gen_cot's questions (assumed_input)
+    failed = [] if input_missing else read_stage_rows(input_path)[:args.limit]
     for row in failed:
         if not row.get("attempts"):
             raise UserError(f"{input_path}: row {row['id']} has no wrong attempts to reflect on")
@@ -83,13 +114,17 @@ def main(argv=None) -> int:
     llm = make_client(args, output_dir)
     write_settings_used(output_dir, parser.settings_used(args))
     if args.dry_run:
-        # Phase 2 as if every question were corrected and every rewrite first solved wrong: at most.
-        wrong = max((r["attempts"][-1]["response"] for r in failed), key=len, default="")
-        print_estimate("reflection", llm, [(reflect_messages(r["problem"], r["attempts"][-1]["response"]), 0)
-                                           for r in failed] + persona_requests(failed, pool, args.k,
-                                                                               args.persona_seed, wrong),
-                       output_dir, note=f" (phase 1's reflections, and phase 2 as if every question were corrected: "
-                                        f"{args.k} x rewrite + solve + reflect each)")
+        chance, assumed = 1.0, ""
+        if input_missing:
+            failed, chance, assumed = assumed_input(args.dry_run_inputs, 1 - args.dry_run_solved_share, args.limit,
+                                                    input_path, "failed by gen_cot (1 - --dry_run_solved_share)")
+        print_estimate("reflection", llm, planned_requests(failed, chance, pool, args), output_dir,
+                       assumed="; ".join(filter(None, [assumed, (
+                           f"phase 2 over {100 * args.dry_run_corrected_share:.0f}% of the questions corrected "
+                           f"(--dry_run_corrected_share), {100 * args.dry_run_wrong_first_share:.0f}% of its "
+                           f"rewrites reflected on (--dry_run_wrong_first_share), its solves priced on the original "
+                           f"question and the persona; the worst case: every question corrected and every rewrite "
+                           f"reflected on")])))
         return 0
     grader = AsyncGrader(args.grading_timeout, args.answer_format)
     try:

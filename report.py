@@ -3,9 +3,12 @@
     python report.py --run_dir runs/NAME
 
 Reads RUN_DIR/eval/LABEL/{gsm8k,math}/summary.json (eval_gsm8k.py / eval_math.py outputs, one folder
-per evaluated model), RUN_DIR/gen/*.stats.json and RUN_DIR/dataset/stats.json when present, and the
-published figures (data/reference/published_results.csv). Writes RUN_DIR/report.md (also printed)
-and RUN_DIR/plots/: math_by_level.png, math_by_subject.png, stage_yields.png.
+per evaluated model), RUN_DIR/gen/*.stats.json, the rejected files beside them and RUN_DIR/dataset/
+(what happened to the data: every reason an item was dropped, counted, with an example),
+RUN_DIR/train/training_summary.json and RUN_DIR/eval/LABEL/training_questions/ (whether training
+took) when present, and the published figures (data/reference/published_results.csv). Writes
+RUN_DIR/report.md (also printed) and RUN_DIR/plots/: math_by_level.png, math_by_subject.png,
+stage_yields.png, training_loss.png.
 A LABEL spelled like a published model (e.g. PersonaMath-Qwen2.5-7B, or Llama-2-7b-hf for LLaMA-2-7B) is
 shown beside its figures, for a task evaluated under the authors' protocol (`--protocol authors`, no
 deviation) only: under `ours` (or with another --max_tokens) the numbers measure something else, and the
@@ -136,6 +139,156 @@ def yields_table(run_dir: Path) -> tuple[list[str], list[dict]]:
     return lines, stats
 
 
+# what each stage takes in and gives out, for the data's story
+STAGE_UNITS = {"cot": ("questions", "questions attempted", "chains of thought"),
+               "persona": ("solved questions", "persona rewrites", "rewrites solved right"),
+               "reflection": ("questions solved wrong", "reflections", "corrected solutions"),
+               "reflection_persona": ("corrected questions", "persona rewrites", "rewrites solved right")}
+REASONS_DOC = "docs/data.md#why-rows-are-dropped"
+
+
+def excerpt(text, limit: int = 90) -> str:
+    text = " ".join(str(text or "").split())
+    return (text[:limit] + "…" if len(text) > limit else text).replace("|", "\\|")
+
+
+def reason_kind(reason: str) -> str:
+    """'invalid rewrite: drops numbers of the original (3)' -> 'invalid rewrite' (the rule is in the example)."""
+    return reason.split(":", 1)[0]
+
+
+def example(row: dict, answer_format: str) -> str:
+    """One dropped row in a line: its id, its problem, what was wrong with it."""
+    from personamath.parser import final_answer
+
+    text = f"`{row['id']}`: {excerpt(row.get('problem')) or '(no rewrite in the answer)'}"
+    responses = [a["response"] for a in row.get("attempts", [])] or [row.get("solution", row.get("response"))]
+    if responses[-1] is not None:
+        answers = ", ".join(str(final_answer(r, answer_format)) for r in responses)
+        text += f" — answer{'s' if len(responses) > 1 else ''} {excerpt(answers, 40)} (gold {excerpt(row['gold'], 30)})"
+    if ":" in row["reason"]:
+        text += f" — {excerpt(row['reason'].split(':', 1)[1], 60)}"
+    return text
+
+
+def line_chart(path: Path, title: str, points: list[list[float]], xlabel: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([x for x, _ in points], [y for _, y in points], marker="o" if len(points) < 30 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def training_check(run_dir: Path, evals: dict) -> list[str]:
+    """Whether training took: the rows it trained on, its loss, how far the weights moved
+    (train/training_summary.json), and each evaluated model's accuracy on the training set's own
+    questions (eval/LABEL/training_questions/TASK); said plainly when the trained model is the base."""
+    summary_path = run_dir / "train" / "training_summary.json"
+    if not summary_path.exists():
+        return []
+    from personamath.training_check import summary_line
+
+    summary = json.loads(summary_path.read_text())
+    weights = summary["weights"]
+    lines = ["## Did the training take?", ""]
+    if weights.get("equals_base"):
+        lines += ["**The trained model equals the base model: no weight changed.** Its results are the base "
+                  "model's; they measure nothing about PersonaMathQA.", ""]
+    lines += [f"Trained on **{summary['examples']} rows**: {summary_line(summary)}.", ""]
+    if summary["loss_curve"]:
+        line_chart(run_dir / "plots" / "training_loss.png", "Training loss", summary["loss_curve"],
+                   "optimizer step", "loss")
+        lines += ["![training loss](plots/training_loss.png)", ""]
+    found = {(label, task): json.loads(path.read_text()) for label in evals
+             for task in TASKS if (path := run_dir / "eval" / label / "training_questions" / task / "summary.json").exists()}
+    if found:
+        lines += ["On the questions of its own training set (a model that learned its rows does better on "
+                  "them than the base):", "", "| model | " + " | ".join(f"{TASK_NAMES[t]} training questions (verify)"
+                                                                        for t in TASKS) + " |",
+                  "|---|" + "---|" * len(TASKS)]
+        for label in evals:
+            lines.append(f"| {label} | " + " | ".join(pct(found.get((label, t)), "verify") for t in TASKS) + " |")
+        lines.append("")
+    return lines
+
+
+def data_story(run_dir: Path) -> list[str]:
+    """For each stage: what went in, what was kept, every reason for dropping with its count and one
+    example; then build_dataset's removals. The reasons are defined in REASONS_DOC."""
+    from personamath.config import read_settings_used
+    from personamath.jsonl import iter_jsonl
+    from personamath.viewer import REJECTED_FILES
+
+    gen = run_dir / "gen"
+    answer_format = read_settings_used(gen, "gen_cot").get("answer_format", "boxed")
+    lines = ["## What happened to the data", "",
+             f"Each stage: what went in, what was kept, and every reason an item was dropped, with its count and "
+             f"the first example (reasons defined in [{REASONS_DOC}](../../{REASONS_DOC})).", ""]
+    for name in STAGES:
+        stats_path = gen / f"{name}.stats.json"
+        if not stats_path.exists():
+            continue
+        stats = json.loads(stats_path.read_text())
+        into, tried, out = STAGE_UNITS[name]
+        lines += [f"### {name}", "",
+                  f"{stats['inputs']} {into} in, {stats['attempted']} {tried}, **{stats['kept']} {out} kept**"
+                  f" ({100 * stats['yield']:.1f}%)" + ("" if stats["complete"] else " (stopped before the end)") + "."]
+        grading = stats.get("grading", {})
+        if grading.get("judged"):
+            wrong = ", ".join(f"{why} {n}" for why, n in grading["wrong"].items() if n) or "none"
+            lines.append(f"Answers judged: {grading['judged']} ({grading['correct']} right; wrong: {wrong}).")
+        examples = {}
+        rejected = gen / f"{REJECTED_FILES[name]}.jsonl"
+        if rejected.exists():
+            for _, row in iter_jsonl(rejected):
+                examples.setdefault(reason_kind(row["reason"]), row)
+        counts = {}
+        for reason, n in stats["rejected_by_reason"].items():
+            counts[reason_kind(reason)] = counts.get(reason_kind(reason), 0) + n
+        if counts:
+            lines += ["", "| dropped because | items | first example |", "|---|---:|---|"]
+            lines += [f"| {kind} | {n} | {example(examples[kind], answer_format) if kind in examples else ''} |"
+                      for kind, n in counts.items()]
+        lines.append("")
+    dataset_dir = run_dir / "dataset"
+    if (dataset_dir / "stats.json").exists():
+        dataset = json.loads((dataset_dir / "stats.json").read_text())
+        removed = dataset["removed"]
+        lines += ["### build_dataset", "",
+                  f"{dataset['rows_read']['total']} rows read from the stages, **{dataset['kept']['total']} kept** in "
+                  f"PersonaMathQA (by stage: {dataset['kept']['by_stage']}; by source: {dataset['kept']['by_source']}).",
+                  "", "| dropped because | rows | first example |", "|---|---:|---|"]
+        firsts = {}
+        for file in ("removed_duplicates", "removed_contaminated"):
+            if (dataset_dir / f"{file}.jsonl").exists():
+                for _, row in iter_jsonl(dataset_dir / f"{file}.jsonl"):
+                    firsts.setdefault("contaminated" if "contamination" in row else row["reason"], row)
+        for kind, count, describe_row in (
+                ("exact", removed["exact_duplicates"], lambda r: f"duplicate of {r['duplicate_of_stage']} `{r['duplicate_of']}`"),
+                ("near", removed["near_duplicates"], lambda r: f"similarity {r['similarity']} to {r['duplicate_of_stage']} `{r['duplicate_of']}`"),
+                ("contaminated", removed["contaminated"], lambda r: f"the same problem as test item `{r['contamination']['test_id']}`")):
+            row = firsts.get(kind)
+            shown = f"`{row['id']}`: {excerpt(row['problem'])} — {describe_row(row)}" if row else ""
+            lines.append(f"| {kind if kind == 'contaminated' else kind + ' duplicate'} | {count} | {shown} |")
+        decontamination = dataset["decontamination"]
+        lines += ["", f"Decontamination ({decontamination['decided_by']}): siblings of test items kept (same template, "
+                      f"another problem; `dataset/siblings_kept.jsonl`): {decontamination['siblings_kept']}.", ""]
+        if (dataset_dir / "viewer.html").exists():
+            lines += ["Every row, its lineage, and every item dropped on the way with the reason: "
+                      "[dataset/viewer.html](dataset/viewer.html) (opens from disk in a browser). The dataset "
+                      "card for the Hub: [dataset/README.md](dataset/README.md).", ""]
+    return lines
+
+
 def bar_chart(path: Path, title: str, categories: list[str], series: dict[str, list[float]], ylabel: str,
               annotations: dict[str, list[str]] | None = None) -> None:
     import matplotlib
@@ -196,6 +349,10 @@ def write_report(run_dir: Path) -> str:
                   "`authors` generations); `verify`: math-verify equivalence. Published figures: the authors' README "
                   "(data/reference/published_results.csv), full test sets; ours are on the slices named below.", "",
                   *[line for note in notes for line in (note, "")]]
+        summary = run_dir / "train" / "training_summary.json"
+        if summary.exists() and json.loads(summary.read_text())["weights"].get("equals_base"):
+            lines += ["**The trained model equals the base model** (no weight changed in training): the two rows "
+                      "above are one model. See \"Did the training take?\".", ""]
     for label, tasks in evals.items():
         for task, summary in tasks.items():
             gen = summary["generation"]
@@ -207,23 +364,11 @@ def write_report(run_dir: Path) -> str:
     lines.append("")
     if stats:
         lines += ["## Generation yields", "", *ytable, ""]
-        dataset_stats = run_dir / "dataset/stats.json"
-        if dataset_stats.exists():
-            dataset = json.loads(dataset_stats.read_text())
-            kept, decontamination = dataset["kept"], dataset["decontamination"]
-            lines += [f"PersonaMathQA rows after deduplication and decontamination: **{kept['total']}** "
-                      f"(by stage: {kept['by_stage']}; by source: {kept['by_source']}). Decontamination "
-                      f"({decontamination['decided_by']}): {decontamination['removed']} rows removed as the same "
-                      f"problem as a test item, {decontamination['siblings_kept']} siblings kept (see "
-                      f"`dataset/stats.md`).", ""]
-            if (run_dir / "dataset/viewer.html").exists():
-                lines += ["Every row, its lineage, and every item dropped on the way with the reason: "
-                          "[dataset/viewer.html](dataset/viewer.html) (opens from disk in a browser). The dataset "
-                          "card for the Hub: [dataset/README.md](dataset/README.md).", ""]
         bar_chart(plots / "stage_yields.png", "Yield of each generation stage", [s["stage"] for s in stats],
                   {"yield": [100 * s["yield"] for s in stats]}, "kept / attempted (%)",
                   {"yield": [f"{s['kept']}/{s['attempted']}" for s in stats]})
-        lines += ["![stage yields](plots/stage_yields.png)", ""]
+        lines += ["![stage yields](plots/stage_yields.png)", "", *data_story(run_dir)]
+    lines += training_check(run_dir, evals)
     for key, name in (("by_level", "level"), ("by_subject", "subject")):
         categories, series, notes = math_breakdown(evals, key)
         if categories:
@@ -239,10 +384,14 @@ def write_report(run_dir: Path) -> str:
     return report
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dir", required=True, type=Path)
-    args = p.parse_args(argv)
+    p.add_argument("--run_dir", required=True, type=Path, help="a run folder: RUN_DIR/gen, dataset, train, eval")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     with exit_on_user_error():
         print(write_report(args.run_dir))
         print(f"report: {args.run_dir / 'report.md'}; plots: {args.run_dir / 'plots'}")

@@ -9,6 +9,10 @@ seed 42 and no evaluation), cosine schedule, warmup 3%, weight decay 0, 1 exampl
 device; a checkpoint every 1000 steps, the last 2 kept; the loss logged every step. The authors' flags all work, including
 --data_length, --warmup_ratio, --evaluation_strategy and --group_by_length. run_zero2.sh and
 run_zero3.sh launch it on GPUs, several nodes, or the CPU.
+
+A run none of whose optimizer steps has a learning rate above 0 (too few rows for a step past warmup, say)
+is refused before training, unless --allow_no_update; OUTPUT_DIR/training_summary.json records the steps
+made, the loss curve and how far the weights moved from the base model's.
 """
 import json
 import logging
@@ -24,6 +28,7 @@ from personamath.config import RecipeMixin, write_settings_used
 from personamath.errors import UserError, exit_on_user_error
 from personamath.jsonl import write_json
 from personamath.provenance import provenance
+from personamath.training_check import StepPlan, plan_steps, summary_line, training_summary
 
 logger = logging.getLogger("train")
 # Attention implementations that keep packed examples apart given position_ids (transformers
@@ -77,6 +82,9 @@ class TrainingArguments(transformers.TrainingArguments):
     group_by_length: bool = field(default=False, metadata={"help": "batch examples of similar length "
                                                                     "(train_sampling_strategy=group_by_length)"})
     overwrite_output_dir: bool = field(default=True, metadata={"help": "accepted for the authors' scripts"})
+    allow_no_update: bool = field(default=False, metadata={
+        "help": "train even when no optimizer step will have a learning rate above 0, so the saved model will "
+                "equal the base (a warning instead of the refusal)"})
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -193,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
                       data_collator=_without_length(collator(tokenizer, data_args.packing,
                                                              8 if torch.cuda.is_available() else None)))
+    plan = plan_steps_or_refuse(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()
     trainer.model.config.use_cache = True  # off for training only; generation wants it
@@ -207,6 +216,25 @@ def main(argv: list[str] | None = None) -> None:
         with open(state_file) as f:
             state = json.load(f)
         write_json(state_file, {**state, "provenance": record})
+        summary = training_summary(plan, trainer.state, model_args.model_name_or_path, training_args.output_dir)
+        write_json(os.path.join(training_args.output_dir, "training_summary.json"), {**summary, "provenance": record})
+        (logger.warning if summary["weights"].get("equals_base") else logger.info)(summary_line(summary))
+
+
+def plan_steps_or_refuse(trainer: Trainer) -> StepPlan:
+    """The run's plan of optimizer steps; a UserError, before any step, when none of them has a learning
+    rate above 0 (the saved model would be the base model), unless --allow_no_update."""
+    plan = plan_steps(trainer)
+    logger.info("training plan: %s", plan.describe())
+    if not plan.steps_above_zero_lr:
+        problem = f"training would not change the model: {plan.describe()}"
+        if not trainer.args.allow_no_update:
+            raise UserError(f"{problem}. For a step at a learning rate above 0: lower --gradient_accumulation_steps "
+                            f"(or --per_device_train_batch_size), set --warmup_steps 0, raise --num_train_epochs "
+                            f"(or --max_steps), give more rows, or set a --learning_rate above 0; --allow_no_update "
+                            f"True trains anyway")
+        logger.warning("%s; training anyway (--allow_no_update)", problem)
+    return plan
 
 
 def _without_length(collate):

@@ -5,6 +5,7 @@ generation model and settings (from the settings each stage wrote beside its out
 per stage and source, the decontamination and its result, the provenance, and how to load and upload
 it. build_dataset.py writes both; nothing here touches the network.
 """
+import itertools
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,11 +35,17 @@ def size_category(n: int) -> str:
     return "n>10M"
 
 
-def write_parquet(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
-    """The rows as Parquet, every column text (null where a row has none), in the JSONL's order."""
+PARQUET_BATCH = 10_000  # rows converted (and held) at a time: a row group each
+
+
+def write_parquet(path: Path, rows, fields: tuple[str, ...]) -> None:
+    """The rows (any iterable, read once) as Parquet, every column text (null where a row has none), in
+    the JSONL's order."""
     schema = pa.schema([(name, pa.string()) for name in fields])
-    with replaced(path) as tmp:
-        pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in fields} for row in rows], schema=schema), tmp)
+    with replaced(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        rows = iter(rows)
+        while batch := [{k: row.get(k) for k in fields} for row in itertools.islice(rows, PARQUET_BATCH)]:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
 
 
 def stage_settings(inputs: list) -> dict[str, dict]:
@@ -130,13 +137,13 @@ def render(stats: dict, settings: dict[str, dict]) -> str:
                  "The GSM8K and MATH files it was made from are described, with their sources and checksums, in "
                  "the repository's data/SOURCES.md.")
     lines += ["", "Every row and every item dropped on the way, with the reason: open `viewer.html` in a browser "
-              "(offline; `viewer_data.js` beside it).", "",
+              "(offline; its data in `viewer_data/` beside it).", "",
               "## Use", "", "```python", "from datasets import load_dataset", "",
               f'rows = load_dataset("parquet", data_files="{DATA_FILE}", split="train")  # this folder',
               'rows = load_dataset("json", data_files="PersonaMathQA.jsonl", split="train")  # the same rows',
               "```", "",
               "To publish this folder as a dataset repository on the Hub (the card and the data as they are):", "",
-              "```bash", "huggingface-cli upload --repo-type dataset YOUR_NAME/PersonaMathQA . . --exclude '*.sqlite*'", "```", "",
+              "```bash", "hf upload --repo-type dataset YOUR_NAME/PersonaMathQA . . --exclude '*.sqlite*'", "```", "",
               "(`--exclude`: the judge's response cache, where build_dataset ran with `--judge llm`.)", ""]
     return "\n".join(lines)
 

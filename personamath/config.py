@@ -12,10 +12,14 @@ A key the script does not take, a value its flag would refuse, a section no scri
 naming the file, its line, the section and the key. `null` leaves the script's own default. Top-level
 keys starting with `x-` are read by no script: they hold YAML anchors for settings several sections
 share (`<<: *name`), so that such a setting is written once. A script writes the settings it used,
-and where each came from, beside its outputs (`settings_used`).
+and where each came from, beside its outputs (`settings_used`), and says on stderr which are not at its
+defaults (`settings_line`), so that a run that differs from a hand run with the same flags shows why.
+Every script's --help shows each option's default (`DefaultsHelpFormatter`).
 """
 import argparse
+import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -80,6 +84,34 @@ def section(path, name: str) -> dict:
     return read_recipe(path).get(name) or {}
 
 
+STATES_DEFAULT = re.compile(r"\(default\b")
+
+
+def shown_default(default) -> str | None:
+    """A default as --help shows it, as it is typed on a command line; None where it means "not set"."""
+    if default is None or default is False or default is argparse.SUPPRESS or default in ("", []):
+        return None
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default))
+    return str(default)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help with each option's default after its help, unless the help states it itself, as "(default: X)",
+    "(default X, why)" or "X (default): what X does"."""
+
+    def _format_action(self, action):
+        shown = shown_default(action.default)
+        if shown is not None and not STATES_DEFAULT.search(action.help or ""):
+            action = copy.copy(action)
+            action.help = " ".join(filter(None, [action.help, f"(default: {shown.replace('%', '%%')})"]))
+        return super()._format_action(action)
+
+
+class RawDescriptionDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The same, keeping the description's line breaks (a script's docstring as its description)."""
+
+
 class RecipeMixin:
     """An argument parser that takes `--config FILE` and reads its `section` of it before the command line.
 
@@ -88,6 +120,8 @@ class RecipeMixin:
 
     def setup_recipe(self, section_name: str) -> None:
         self.recipe_section = section_name
+        raw = issubclass(self.formatter_class, argparse.RawDescriptionHelpFormatter)
+        self.formatter_class = RawDescriptionDefaultsHelpFormatter if raw else DefaultsHelpFormatter
         self.allow_abbrev = False  # a recipe's `lr` must not pass for --lr_scheduler_type
         self.add_argument("--config", default=None,
                           help=f"a recipe (YAML or JSON): its `{section_name}` section sets this script's arguments, "
@@ -159,7 +193,7 @@ class RecipeMixin:
 
     def settings_used(self, args: argparse.Namespace | dict) -> dict:
         """Every setting of the last parse with where its value came from: the command line, the recipe
-        (its file and section), or the script's default."""
+        (its file and section), or the script's default; and those given a value other than the default."""
         path, settings, argv = self._recipe_origin or (None, {}, [])
         values = vars(args) if isinstance(args, argparse.Namespace) else args
         given = {a.dest for a in self._actions for o in a.option_strings
@@ -168,10 +202,14 @@ class RecipeMixin:
                        if o.startswith("--") and o[2:] in settings and settings[o[2:]] is not None}
         origin = {name: "command line" if name in given else "recipe" if name in from_recipe else "default"
                   for name in values}
+        defaults = {a.dest: a.default for a in self._actions}
+        changed = sorted(k for k, o in origin.items()
+                         if o != "default" and k != "config" and plain(values[k]) != plain(defaults.get(k)))
         return {"script": self.prog, "config": str(path) if path else None, "section": self.recipe_section,
                 "command_line": argv, "settings": {k: plain(v) for k, v in values.items()},
                 "from": {src: sorted(k for k, o in origin.items() if o == src)
-                         for src in ("command line", "recipe", "default")}}
+                         for src in ("command line", "recipe", "default")},
+                "not_default": changed}
 
 
 class RecipeParser(RecipeMixin, argparse.ArgumentParser):
@@ -211,8 +249,24 @@ def read_settings_used(output_dir, section_name: str) -> dict:
     return ((yaml.safe_load(path.read_text()) or {}).get("settings") or {}) if path.is_file() else {}
 
 
+def settings_line(used: dict) -> str:
+    """One line naming the settings not at the script's defaults, with their values, by where they came from:
+    `gen_cot.py: settings not at their defaults: from RECIPE: k=v, ...; from the command line: k=v, ...`."""
+    def shown(value):
+        return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
+    groups = []
+    for source, where in (("recipe", used["config"]), ("command line", "the command line")):
+        named = [f"{k}={shown(used['settings'][k])}" for k in used["from"][source] if k in used["not_default"]]
+        if named:
+            groups.append(f"from {where}: {', '.join(named)}")
+    return f"{used['script']}: settings not at their defaults: {'; '.join(groups) or 'none'}"
+
+
 def write_settings_used(output_dir, used: dict) -> Path:
-    """OUTPUT_DIR/settings.SECTION.yaml: what the script ran with (personamath.config.RecipeMixin.settings_used)."""
+    """OUTPUT_DIR/settings.SECTION.yaml: what the script ran with (personamath.config.RecipeMixin.settings_used);
+    and its settings_line on stderr, where the run's log shows it first."""
+    print(settings_line(used), file=sys.stderr, flush=True)
     path = Path(output_dir) / f"settings.{used['section']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(used, sort_keys=False, allow_unicode=True, width=110))

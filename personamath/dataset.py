@@ -10,10 +10,14 @@ Steps, in this order, each keeping the earlier row in input order:
    siblings (same template, other numbers or question) kept and reported;
 5. a shuffle seeded by --seed.
 
+Memory: of each row only what the steps read is held (IN_MEMORY, about 1-2 KB); the rest, the response
+above all, is read back from its input file by offset when the outputs are written (Inputs.full), so
+that 128.9K rows of gpt-4o-mini's chains of thought are not in memory at once.
+
 Outputs (all inside --output_dir): PersonaMathQA.jsonl and .parquet, removed_duplicates.jsonl,
 removed_contaminated.jsonl and siblings_kept.jsonl (each with its test item and the reason),
 stats.json and stats.md (also printed), README.md (the dataset card for the Hub, card.py) and
-viewer.html with viewer_data.js (every row and every dropped item, offline, viewer.py).
+viewer.html with its data in viewer_data/ (every row and every dropped item, offline, viewer.py).
 """
 import argparse
 import hashlib
@@ -32,7 +36,7 @@ from .card import DATA_FILE, write_card, write_parquet
 from .decontamination import add_decontamination_args, check_args, decontaminate
 from .config import RecipeParser, write_settings_used
 from .errors import UserError, exit_on_user_error
-from .jsonl import iter_jsonl, write_json, write_jsonl, write_text
+from .jsonl import iter_jsonl_at, write_json, write_jsonl, write_text
 from .provenance import markdown as provenance_markdown
 from .provenance import provenance
 from .viewer import write_viewer
@@ -44,6 +48,8 @@ SOURCES = ("gsm8k", "math")
 # which training shows in the prompt; None elsewhere.
 OUTPUT_FIELDS = ("problem", "response", "wrong_attempt", "id", "parent_id", "source", "stage", "gold", "persona",
                  "persona_id", "model", "prompt_version")
+# what the steps and the statistics read of a row, held in memory; the rest is read back when written
+IN_MEMORY = ("problem", "id", "parent_id", "source", "stage", "gold", "persona", "persona_id")
 SHINGLE = 5  # words per shingle for near duplicates
 ISCO_SUB_MAJOR_GROUPS = 43  # ISCO-08 has 43 two-digit sub-major groups; the built-in personas are isco-XX-N
 ISCO_ID = re.compile(r"isco-(\d\d)-\d+")
@@ -54,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = RecipeParser("build_dataset", prog="build_dataset.py", description="Merge the generation stages' outputs into PersonaMathQA: remove exact "
                                             "and near duplicates and test-set overlap, shuffle, report statistics.")
     p.add_argument("--inputs", nargs="+", default=[f"runs/gen/{name}.jsonl" for name in STAGES],
-                   help="stage outputs (default: the four of the stages' default runs/gen); a X.stats.json beside "
-                        "X.jsonl gives its yield")
-    p.add_argument("--output_dir", default="runs/dataset", help="(default: runs/dataset, where train.py reads)")
+                   help="stage outputs; a X.stats.json beside X.jsonl gives its yield")
+    p.add_argument("--output_dir", default="runs/dataset",
+                   help="where the dataset goes (train.py reads runs/dataset/PersonaMathQA.jsonl)")
     p.add_argument("--near_dup_threshold", type=float, default=0.9,
                    help=f"a row is a near duplicate of an earlier one when the Jaccard similarity of their word "
-                        f"{SHINGLE}-gram sets is at least this (default 0.9)")
-    p.add_argument("--shuffle_seed", type=int, default=42, help="seed of the final shuffle (default 42)")
+                        f"{SHINGLE}-gram sets is at least this")
+    p.add_argument("--shuffle_seed", type=int, default=42, help="seed of the final shuffle")
     p.add_argument("--no_shuffle", action="store_true", help="keep the input order")
     add_decontamination_args(p)
     return p
@@ -79,71 +85,106 @@ def run(args: argparse.Namespace, settings: dict | None = None) -> int:
         raise UserError(f"--near_dup_threshold must be in (0, 1], got {args.near_dup_threshold}")
     check_args(args)
     # Everything that can fail on bad input is read before the first write, so a bad run writes nothing.
-    rows, rows_per_file = read_inputs(args.inputs)
-    yields = read_yields(args.inputs)
-    out_dir = Path(args.output_dir)
+    with Inputs(args.inputs) as inputs:
+        rows = inputs.rows
+        yields = read_yields(args.inputs)
+        out_dir = Path(args.output_dir)
 
-    kept, exact = remove_exact_duplicates(rows)
-    kept, near = remove_near_duplicates(kept, args.near_dup_threshold)
-    kept, contaminated, siblings, decontamination = decontaminate(kept, args, out_dir)
-    if not args.no_shuffle:
-        random.Random(args.shuffle_seed).shuffle(kept)
-    dataset = [{k: row.get(k) for k in OUTPUT_FIELDS} for row in kept]
+        kept, exact = remove_exact_duplicates(rows)
+        kept, near = remove_near_duplicates(kept, args.near_dup_threshold)
+        kept, contaminated, siblings, decontamination = decontaminate(kept, args, out_dir)
+        if not args.no_shuffle:
+            random.Random(args.shuffle_seed).shuffle(kept)
 
-    write_jsonl(out_dir / "PersonaMathQA.jsonl", dataset)
-    write_parquet(out_dir / DATA_FILE, dataset, OUTPUT_FIELDS)
-    if settings is not None:
-        write_settings_used(out_dir, settings)
-    write_jsonl(out_dir / "removed_duplicates.jsonl", exact + near)
-    write_jsonl(out_dir / "removed_contaminated.jsonl", contaminated)
-    write_jsonl(out_dir / "siblings_kept.jsonl", siblings)
-    stats = summarize(args, rows_per_file, dataset, exact, near, contaminated, decontamination, yields)
-    write_json(out_dir / "stats.json", stats)
-    markdown = render_markdown(stats)
-    write_text(out_dir / "stats.md", markdown)
-    viewer = write_viewer(out_dir, args.inputs, dataset, exact + near + contaminated, siblings, stats)
-    write_card(out_dir, args.inputs, stats)
+        def dataset():  # the training rows, each read back in full
+            return ({k: row.get(k) for k in OUTPUT_FIELDS} for row in map(inputs.full, kept))
+
+        write_jsonl(out_dir / "PersonaMathQA.jsonl", dataset())
+        write_parquet(out_dir / DATA_FILE, dataset(), OUTPUT_FIELDS)
+        if settings is not None:
+            write_settings_used(out_dir, settings)
+        write_jsonl(out_dir / "removed_duplicates.jsonl", map(inputs.full, exact + near))
+        write_jsonl(out_dir / "removed_contaminated.jsonl", map(inputs.full, contaminated))
+        write_jsonl(out_dir / "siblings_kept.jsonl", siblings)
+        stats = summarize(args, inputs.rows_per_file, kept, (row["response"] for row in dataset()), exact, near,
+                          contaminated, decontamination, yields)
+        write_json(out_dir / "stats.json", stats)
+        markdown = render_markdown(stats)
+        write_text(out_dir / "stats.md", markdown)
+        viewer = write_viewer(out_dir, args.inputs, dataset(), map(inputs.full, exact + near + contaminated),
+                              siblings, stats)
+        write_card(out_dir, args.inputs, stats)
     print(markdown)
     print(f"outputs: {out_dir}; every row and every dropped item: {viewer} (opens from disk in a browser)")
     if not rows:
         print(f"no rows kept: the inputs hold no rows ({', '.join(map(str, args.inputs))})", file=sys.stderr)
         return 1
-    if not dataset:
+    if not kept:
         print(f"no rows kept: all {len(rows)} rows read were removed ({len(exact)} exact duplicates, {len(near)} "
               f"near duplicates, {len(contaminated)} contaminated); see {out_dir}", file=sys.stderr)
         return 1
     return 0
 
 
-def read_inputs(paths) -> tuple[list[dict], dict[str, int]]:
-    """All rows of all inputs in order, checked; and the number of rows read from each file."""
-    rows, rows_per_file, seen = [], {}, {}
-    for path in paths:
-        rows_per_file[str(path)] = 0
-        for lineno, row in iter_jsonl(path):
-            where = f"{path}:{lineno}"
-            missing = [k for k in OUTPUT_FIELDS if k not in row and k != "wrong_attempt"]  # the one optional
-            if missing:
-                raise UserError(f"{where}: not a stage output row (missing {', '.join(missing)})")
-            empty = [k for k in ("problem", "response", "id") if not isinstance(row[k], str) or not row[k].strip()]
-            if empty:
-                raise UserError(f"{where}: {', '.join(empty)} must be non-empty text")
-            if row["stage"] not in STAGES:
-                raise UserError(f"{where}: unknown stage {row['stage']!r} (expected one of {', '.join(STAGES)})")
-            if row["source"] not in SOURCES:
-                raise UserError(f"{where}: unknown source {row['source']!r} (expected gsm8k or math)")
-            not_text = [k for k in ("persona", "persona_id", "wrong_attempt")
-                        if row.get(k) is not None and not isinstance(row[k], str)]
-            if not_text:
-                raise UserError(f"{where}: {', '.join(not_text)} must be text or null")
-            # ids are unique within a stage; a repeat means the same output was given twice.
-            key = (row["stage"], row["id"])
-            if key in seen:
-                raise UserError(f"{where}: {row['stage']} id {row['id']!r} already read at {seen[key]}")
-            seen[key] = where
-            rows.append(row)
-            rows_per_file[str(path)] += 1
-    return rows, rows_per_file
+class Inputs:
+    """The stage outputs, every row read and checked at once (UserError naming the file and line), of
+    each row only IN_MEMORY held (with where it is: `_at`); `full(row)` reads the rest back from its
+    file, with whatever the steps added to the row. `rows_per_file`: how many rows each file gave."""
+
+    def __init__(self, paths):
+        self.paths = [Path(p) for p in paths]
+        self.rows, self.rows_per_file, self._files = [], {}, {}
+        seen = {}
+        for number, path in enumerate(self.paths):
+            self.rows_per_file[str(path)] = 0
+            for lineno, offset, row in iter_jsonl_at(path):
+                check_row(row, f"{path}:{lineno}")
+                # ids are unique within a stage; a repeat means the same output was given twice.
+                key = (row["stage"], row["id"])
+                if key in seen:
+                    first = seen[key]
+                    raise UserError(f"{path}:{lineno}: {row['stage']} id {row['id']!r} already read at "
+                                    f"{self.paths[first[0]]}:{first[1]}")
+                seen[key] = (number, lineno)
+                self.rows.append({k: row.get(k) for k in IN_MEMORY} | {"_at": (number, offset)})
+                self.rows_per_file[str(path)] += 1
+
+    def full(self, row: dict) -> dict:
+        """The row as its file holds it, with the fields the steps added (a duplicate's, a contamination)."""
+        number, offset = row["_at"]
+        if number not in self._files:
+            self._files[number] = self.paths[number].open("rb")
+        f = self._files[number]
+        f.seek(offset)
+        found = json.loads(f.readline().decode("utf-8"))
+        if (found.get("stage"), found.get("id")) != (row["stage"], row["id"]):
+            raise UserError(f"{self.paths[number]} changed while the dataset was built from it: build again")
+        return found | {k: v for k, v in row.items() if k != "_at"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in self._files.values():
+            f.close()
+
+
+def check_row(row: dict, where: str) -> None:
+    """A stage output row with the fields the training set needs, each of its type."""
+    missing = [k for k in OUTPUT_FIELDS if k not in row and k != "wrong_attempt"]  # the one optional
+    if missing:
+        raise UserError(f"{where}: not a stage output row (missing {', '.join(missing)})")
+    empty = [k for k in ("problem", "response", "id") if not isinstance(row[k], str) or not row[k].strip()]
+    if empty:
+        raise UserError(f"{where}: {', '.join(empty)} must be non-empty text")
+    if row["stage"] not in STAGES:
+        raise UserError(f"{where}: unknown stage {row['stage']!r} (expected one of {', '.join(STAGES)})")
+    if row["source"] not in SOURCES:
+        raise UserError(f"{where}: unknown source {row['source']!r} (expected gsm8k or math)")
+    not_text = [k for k in ("persona", "persona_id", "wrong_attempt")
+                if row.get(k) is not None and not isinstance(row[k], str)]
+    if not_text:
+        raise UserError(f"{where}: {', '.join(not_text)} must be text or null")
 
 
 def read_yields(paths) -> list[dict]:
@@ -241,7 +282,8 @@ def _duplicate_of(row: dict) -> dict:
 
 # ----------------------------------------------------------------------------- statistics
 
-def summarize(args, rows_per_file, dataset, exact, near, contaminated, decontamination, yields) -> dict:
+def summarize(args, rows_per_file, dataset, responses, exact, near, contaminated, decontamination, yields) -> dict:
+    """`dataset`: the rows kept (their IN_MEMORY fields); `responses`: their responses, in any order."""
     by_stage_source = {stage: {source: 0 for source in SOURCES} for stage in STAGES}
     for row in dataset:
         by_stage_source[row["stage"]][row["source"]] += 1
@@ -255,7 +297,7 @@ def summarize(args, rows_per_file, dataset, exact, near, contaminated, decontami
         "personas": persona_coverage(dataset),
         "yield": yields,
         "diversity": {"problem": diversity(row["problem"] for row in dataset),
-                      "response": diversity(row["response"] for row in dataset)},
+                      "response": diversity(responses)},
         "settings": {"decontaminate": [str(f) for f in args.decontaminate],
                      **{name: getattr(args, name) for name in (
                          "contamination_policy", "top_k", "ngram", "embedding_retrieval", "added_quantity_overlap",

@@ -116,32 +116,26 @@ def load_test_items(paths) -> tuple[list[TestItem], int]:
 
 # ----------------------------------------------------------------------------- candidates
 
-def candidates(rows: list[dict], problems: list[Problem], items: list[TestItem], tests: list[Problem],
-               args) -> tuple[list[dict], dict]:
-    """For each row, {test index: its retrieval scores} in order of first proposal; and timings."""
-    started = time.monotonic()
-    lexical, overlap = LexicalIndex(tests), OverlapIndex(items, args.ngram)
-    found = []
-    for row, problem in zip(rows, problems):
-        scores = {}
-        for rank, (i, score) in enumerate(lexical.nearest(problem, args.top_k), 1):
-            scores.setdefault(i, {})["lexical"] = round(score, 4)
-            scores[i]["lexical_rank"] = rank
-        for i, share in overlap.matches(row["problem"], args.top_k):
-            scores.setdefault(i, {})["ngram_share"] = round(share, 4)
-        found.append(scores)
-    timings = {"seconds_lexical_and_overlap": round(time.monotonic() - started, 1)}
-    if args.embedding_retrieval:
-        started = time.monotonic()
-        embedder = Embedder()
-        test_embeddings = embedder.encode_cached(items, args.embedding_cache_dir)
-        row_embeddings = embedder.encode([row["problem"] for row in rows])
-        for scores, nearest_items in zip(found, nearest(row_embeddings, test_embeddings, args.top_k)):
-            for rank, (i, cosine) in enumerate(nearest_items, 1):
-                scores.setdefault(i, {})["embedding"] = round(cosine, 4)
-                scores[i]["embedding_rank"] = rank
-        timings["seconds_embedding"] = round(time.monotonic() - started, 1)
-    return found, timings
+def retrieve(row: dict, problem: Problem, lexical: LexicalIndex, overlap: OverlapIndex, embedded, k: int) -> dict:
+    """{test index: its retrieval scores} in order of first proposal, for one row; `embedded`: the
+    row's (test index, cosine) pairs by embedding, best first (empty without --embedding_retrieval)."""
+    scores = {}
+    for rank, (i, score) in enumerate(lexical.nearest(problem, k), 1):
+        scores.setdefault(i, {})["lexical"] = round(score, 4)
+        scores[i]["lexical_rank"] = rank
+    for i, share in overlap.matches(row["problem"], k):
+        scores.setdefault(i, {})["ngram_share"] = round(share, 4)
+    for rank, (i, cosine) in enumerate(embedded, 1):
+        scores.setdefault(i, {})["embedding"] = round(cosine, 4)
+        scores[i]["embedding_rank"] = rank
+    return scores
+
+
+def embedding_neighbours(rows: list[dict], items: list[TestItem], args) -> list[list[tuple[int, float]]]:
+    """Each row's --top_k nearest test items by MiniLM embeddings (--embedding_retrieval)."""
+    embedder = Embedder()
+    test_embeddings = embedder.encode_cached(items, args.embedding_cache_dir)
+    return nearest(embedder.encode([row["problem"] for row in rows]), test_embeddings, args.top_k)
 
 
 # ----------------------------------------------------------------------------- the judge
@@ -206,48 +200,75 @@ def judge(pairs: list[tuple[str, str]], args, output_dir: Path) -> tuple[list[st
 
 def decontaminate(rows: list[dict], args: argparse.Namespace, output_dir: Path) -> tuple[list, list, list, dict]:
     """(kept rows in input order, removed rows with the pair that removed them, the siblings kept with
-    their nearest test item, statistics)."""
+    their nearest test item, statistics). Row by row: a row's problem is parsed once, for its
+    retrieval and (by the rule) its decisions, and let go; of its pairs only what removed it or made it
+    a sibling is kept (at v2's size, every row's parsed problem and ten decided pairs held to the end
+    took most of build_dataset's memory)."""
     items, read = load_test_items(args.decontaminate)
     tests = [Problem(item.text, item.gold) for item in items]
-    problems = [Problem(row["problem"], row.get("gold")) for row in rows]  # each read once, for retrieval and decision
-    found, timings = candidates(rows, problems, items, tests, args)
-    pairs = [(r, i) for r, scores in enumerate(found) for i in scores]
+    timings = {"seconds_lexical_and_overlap": 0.0, "seconds_deciding": 0.0}
     started = time.monotonic()
-    if args.judge == "llm":
-        verdicts, account = judge([(rows[r]["problem"], items[i].text) for r, i in pairs], args, output_dir)
-        decisions = {pair: (verdict, f"judge: {verdict}") for pair, verdict in zip(pairs, verdicts)}
-    else:
-        thresholds = Thresholds(args.added_quantity_overlap, args.setting_overlap, args.max_added_quantities,
-                                use_answers=args.answers == "use")
-        decisions = {}
-        for r, i in pairs:
-            verdict = compare(problems[r], tests[i], thresholds)
-            sibling = found[r][i].get("lexical", 0.0) >= args.sibling_similarity or "ngram_share" in found[r][i]
-            decisions[(r, i)] = ("same" if verdict.same else "sibling" if sibling else "different", verdict.reason)
-        account = None
-    timings["seconds_deciding"] = round(time.monotonic() - started, 1)
-
+    lexical, overlap = LexicalIndex(tests), OverlapIndex(items, args.ngram)
+    timings["seconds_lexical_and_overlap"] += time.monotonic() - started
+    if args.embedding_retrieval:
+        started = time.monotonic()
+        embedded = embedding_neighbours(rows, items, args)
+        timings["seconds_embedding"] = round(time.monotonic() - started, 1)
+    thresholds = Thresholds(args.added_quantity_overlap, args.setting_overlap, args.max_added_quantities,
+                            use_answers=args.answers == "use")
     removed_labels = {"same"} | ({"sibling"} if args.contamination_policy == "sibling" else set())
     # An unparseable answer removes the row: a leak costs more than a lost row.
     removed_labels |= {"unparseable"} if args.judge == "llm" else set()
-    kept, removed, siblings = [], [], []
-    for r, (row, scores) in enumerate(zip(rows, found)):
-        labelled = {label: [i for i in scores if decisions[(r, i)][0] == label]
-                    for label in ("same", "unparseable", "sibling")}
+    kept, removed, siblings, labels = [], [], [], Counter()
+    pairs, rows_with_candidates = 0, 0
+
+    def settle(row: dict, scores: dict, decisions: dict) -> None:
+        """The row kept, removed (by its first pair labelled to remove it) or kept as a sibling."""
+        labels.update(label for label, _ in decisions.values())
+        labelled = {label: [i for i in scores if decisions[i][0] == label] for label in ("same", "unparseable", "sibling")}
         hit = next((labelled[label][0] for label in ("same", "unparseable", "sibling")
                     if label in removed_labels and labelled[label]), None)
         if hit is not None:
-            removed.append({**row, "contamination": explanation(items[hit], scores[hit], decisions[(r, hit)], args)})
+            removed.append({**row, "contamination": explanation(items[hit], scores[hit], decisions[hit], args)})
         else:
             kept.append(row)
             if labelled["sibling"]:
                 sibling = labelled["sibling"][0]
                 siblings.append({k: row.get(k) for k in ("id", "stage", "source", "problem")} |
-                                explanation(items[sibling], scores[sibling], decisions[(r, sibling)], args))
-    labels = Counter(label for label, _ in decisions.values())
+                                explanation(items[sibling], scores[sibling], decisions[sibling], args))
+
+    to_judge = []  # (row index, its scores): the judge decides every pair at once, concurrently
+    for r, row in enumerate(rows):
+        started = time.monotonic()
+        problem = Problem(row["problem"], row.get("gold"))
+        scores = retrieve(row, problem, lexical, overlap, embedded[r] if args.embedding_retrieval else (), args.top_k)
+        decided = time.monotonic()
+        timings["seconds_lexical_and_overlap"] += decided - started
+        pairs += len(scores)
+        rows_with_candidates += bool(scores)
+        if args.judge == "llm":
+            to_judge.append((r, scores))
+            continue
+        decisions = {}
+        for i in scores:
+            verdict = compare(problem, tests[i], thresholds)
+            sibling = scores[i].get("lexical", 0.0) >= args.sibling_similarity or "ngram_share" in scores[i]
+            decisions[i] = ("same" if verdict.same else "sibling" if sibling else "different", verdict.reason)
+        settle(row, scores, decisions)
+        timings["seconds_deciding"] += time.monotonic() - decided
+    account = None
+    if args.judge == "llm":
+        started = time.monotonic()
+        judged = [(r, i) for r, scores in to_judge for i in scores]
+        verdicts, account = judge([(rows[r]["problem"], items[i].text) for r, i in judged], args, output_dir)
+        verdict_of = dict(zip(judged, verdicts))
+        for r, scores in to_judge:
+            settle(rows[r], scores, {i: (verdict_of[(r, i)], f"judge: {verdict_of[(r, i)]}") for i in scores})
+        timings["seconds_deciding"] = time.monotonic() - started
+    timings = {k: round(v, 1) for k, v in timings.items()}
     stats = {"test_items": {"read": read, "distinct": len(items)},
              "retrieval": {"top_k": args.top_k, "ngram": args.ngram, "embedding": args.embedding_retrieval,
-                           "pairs": len(pairs), "rows_with_candidates": sum(map(bool, found))},
+                           "pairs": pairs, "rows_with_candidates": rows_with_candidates},
              "decided_by": "judge" if account else "rule", "policy": args.contamination_policy,
              "pair_labels": dict(labels), "removed": len(removed), "siblings_kept": len(siblings),
              "judge": account, "seconds": timings,

@@ -10,20 +10,31 @@ from .errors import UserError
 
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for each non-blank line; a malformed line is a UserError."""
+    for lineno, _, record in iter_jsonl_at(path):
+        yield lineno, record
+
+
+def iter_jsonl_at(path) -> Iterator[tuple[int, int, dict]]:
+    """Yield (line number, byte offset of the line, record) for each non-blank line (read_at reads the
+    record back); a malformed line, or one that is not UTF-8, is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
+        offset = 0
         for lineno, line in enumerate(f, start=1):
+            at, offset = offset, offset + len(line)
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {err.start + 1})") from None
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+            yield lineno, at, record
 
 
 def read_jsonl(path) -> list[dict]:

@@ -19,7 +19,8 @@
 - A hard budget: `--max_cost` is never exceeded. Before each attempt is sent its worst case (a bound
   on its prompt tokens plus max_tokens) is reserved; it is settled at the usage the server reports,
   or at the worst case when the answer is lost (a timeout may still have been billed). An attempt that
-  does not fit is not sent, and no request is sent after it. `--dry_run` estimates without sending.
+  does not fit is not sent, and no request is sent after it. `--dry_run` prices the run without sending:
+  expected, and the worst case that reservation would reach.
 """
 import asyncio
 import datetime
@@ -30,7 +31,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +74,26 @@ def prompt_tokens_bound(messages: list[dict]) -> int:
     every token of a byte-level BPE (OpenAI's, Llama's, Qwen's) or byte-fallback SentencePiece
     tokenizer covers at least one byte of UTF-8, and the chat format adds a few tokens per message."""
     return sum(len(m["content"].encode()) + MESSAGE_OVERHEAD_TOKENS for m in messages) + MESSAGE_OVERHEAD_TOKENS
+
+
+@dataclass
+class Planned:
+    """A request a stage may send, for --dry_run (LLMClient.estimate). `messages` as the worst case has them:
+    an answer the request quotes that is not known yet at its longest (stand_in_answer(max_tokens, bound=True));
+    `expected_messages`, where they differ, with that answer as long as expected."""
+    messages: list[dict]
+    sample: int = 0
+    chance: float = 1.0  # that the stage sends it (the expected case); the worst case sends every one
+    expected_messages: list[dict] | None = None
+    question: str | None = None  # the id of the question it is for, where the worst case is wanted by question
+
+
+def stand_in_answer(tokens: int, bound: bool = False) -> str:
+    """--dry_run's stand-in for an answer not known yet that a request quotes (a wrong attempt a reflection
+    is shown): text that counts as `tokens` tokens, by the expected case's characters / CHARS_PER_TOKEN or,
+    with `bound`, by the worst case's prompt_tokens_bound (a byte each: an answer of max_tokens tokens
+    quoted is about max_tokens tokens of prompt, where its bytes would count each token about 4 times)."""
+    return "x" * (tokens if bound else CHARS_PER_TOKEN * tokens)
 
 
 def retry_delay(attempt: int, response=None, now: float | None = None) -> float:
@@ -245,12 +266,15 @@ def add_llm_args(parser) -> None:
     g.add_argument("--sampling_seed", type=int, default=0, help="base of the per-request seed (sampling_seed + sample index)")
     g.add_argument("--cache", default=None, help="response cache (default: OUTPUT_DIR/llm_cache.sqlite)")
     g.add_argument("--prices", default=str(PRICES_FILE),
-                   help="USD per million input/output tokens per model (default: the package's prices.json)")
+                   help="USD per million input/output tokens per model, a JSON file")
     g.add_argument("--max_cost", type=float, default=None,
                    help="a hard cap in USD for this run: a request whose worst case does not fit is not sent")
-    g.add_argument("--dry_run", action="store_true", help="print the request count and cost estimate; send nothing")
+    g.add_argument("--dry_run", action="store_true",
+                   help="send nothing; print the requests the run may send and their cost: expected (answers of "
+                        "--dry_run_output_tokens) and worst case (every request the stage may send, every answer "
+                        "--max_tokens long)")
     g.add_argument("--dry_run_output_tokens", type=int, default=400,
-                   help="completion tokens assumed per request by --dry_run")
+                   help="--dry_run's expected case: completion tokens per answer (at most --max_tokens)")
 
 
 class LLMClient:
@@ -453,14 +477,39 @@ class LLMClient:
                 self.waiting_since = time.monotonic()
             self.in_flight += 1
 
-    def estimate(self, requests: list[tuple[list[dict], int]]) -> dict:
-        """--dry_run: how many of these (messages, sample) requests the cache lacks, and what they would cost."""
-        missing = [m for m, sample in requests if self.key(m, sample) not in self.cache]
-        prompt_tokens = sum(len(msg["content"]) for m in missing for msg in m) // CHARS_PER_TOKEN
-        completion_tokens = self.dry_run_output_tokens * len(missing)
-        cost = cost_of(self.ledger.price, prompt_tokens, completion_tokens)
-        return {"requests": len(requests), "cached": len(requests) - len(missing), "to_send": len(missing),
-                "prompt_tokens_est": prompt_tokens, "completion_tokens_est": completion_tokens, "cost_usd_est": cost}
+    def estimate(self, planned: Iterable[Planned], price: dict | None) -> dict:
+        """--dry_run: what the planned requests the cache lacks would cost at `price`. Expected: each sent with
+        its chance, its prompt about characters / CHARS_PER_TOKEN tokens and its answer --dry_run_output_tokens
+        long; worst case: every one sent, its prompt at the bound --max_cost reserves and its answer
+        --max_tokens long (what a --max_cost that never stops the stage would reserve, retries aside), also
+        by question (Planned.question): [requests to send, their prompt tokens]."""
+        max_tokens = self.params["max_tokens"]
+        output_tokens = min(self.dry_run_output_tokens, max_tokens)
+        requests = to_send = worst_prompt = 0
+        expected_requests = expected_prompt = 0.0
+        by_question = {}
+        for request in planned:
+            requests += 1
+            if self.key(request.messages, request.sample) in self.cache:
+                continue
+            to_send += 1
+            expected_requests += request.chance
+            chars = sum(len(m["content"]) for m in request.expected_messages or request.messages)
+            expected_prompt += request.chance * chars / CHARS_PER_TOKEN
+            bound = prompt_tokens_bound(request.messages)
+            worst_prompt += bound
+            if request.question is not None:
+                sent = by_question.setdefault(request.question, [0, 0])
+                sent[0] += 1
+                sent[1] += bound
+        prompt, completion = round(expected_prompt), round(expected_requests * output_tokens)
+        return {"requests": requests, "cached": requests - to_send, "to_send": to_send,
+                "requests_expected": round(expected_requests, 1), "output_tokens_expected": output_tokens,
+                "prompt_tokens_est": prompt, "completion_tokens_est": completion,
+                "cost_usd_est": cost_of(price, prompt, completion), "max_tokens": max_tokens,
+                "prompt_tokens_worst": worst_prompt, "completion_tokens_worst": to_send * max_tokens,
+                "cost_usd_worst": cost_of(price, worst_prompt, to_send * max_tokens),
+                "price_per_million_tokens": price, "worst_by_question": by_question}
 
     async def aclose(self) -> None:
         """Close the HTTP client of this event loop; a later chat() in a new loop opens another."""

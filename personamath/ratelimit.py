@@ -21,14 +21,21 @@ spread over time and never burst, whatever the headers say is left. The rates co
 - 429s: each multiplies the rates by DECREASE (once per round of attempts, and once per LOWER_GAP_S
   after the pause) and holds every attempt until its Retry-After; one whose headers leave most of
   every limit (or, without headers of its own, the latest answer's did), the first in ISOLATED_ATTEMPTS
-  attempts (a 429 for another reason), by PROBE_DECREASE, holding only itself. Without headers, the
-  first 429 starts a pace under the rate the server took, and every 429 caps the rates at DECREASE of
-  the rate the server admitted over the last ADMITTED_S (the attempts not answered 429: a refusal
-  comes back at once, an answer takes its time), where it refused enough of them (SATURATED) to be
-  at its limit. The rate then climbs back by RECOVERY of its target a second (additive increase,
-  multiplicative decrease: clients sharing a limit converge to equal shares); without a target, slowly
-  near the rate of the last 429 (a 429 there lowers it by PROBE_DECREASE only), so that probing above
-  it costs a 429 now and then, not a stream of them;
+  attempts (a 429 for another reason), by STRAY_DECREASE, holding only itself. While attempts are
+  held the rates do not climb, and after the hold the pace starts afresh (no burst to catch up).
+  Without headers, every 429 holds every attempt for at least MIN_HOLD_S (the bucket of a server that
+  counts refusals, or that another client shares, refills instead of being dug deeper), the first
+  429 starts a pace under the rate the server took (bounded by a Retry-After said within the second;
+  a whole-second one is rounded up and bounds nothing), a rate above what was sent over the last
+  ADMITTED_S comes down to it (the holds, not the pace, set the sending), and every 429 caps the
+  rates at PROBE_DECREASE of the rate the server admitted over the last ADMITTED_S (the attempts not
+  answered 429: a refusal comes back at once, an answer takes its time), where it refused enough of
+  them (SATURATED) to be at its limit. The rate then climbs back by RECOVERY of its target a second
+  (additive increase, multiplicative decrease: clients sharing a limit converge to equal shares);
+  without a target, slowly from NEAR of the rate of the last 429 (a 429 there lowers it by
+  PROBE_DECREASE), faster the longer no 429 came (QUIET_S), so that probing above it costs a 429 now
+  and then, not a stream of them. Measured over minutes of virtual time against every enforcement in
+  tests/test_pacing_virtual_time.py, and in real time by bench/bench_ratelimit.py;
 - the headers' remaining at (or near) zero, which says the limit is reached before a 429 does: the
   rates are lowered by LOW_DECREASE, at most once a second.
 
@@ -55,9 +62,11 @@ DECREASE = 0.85  # a 429: the rates times this
 LOW_DECREASE = 0.95  # the headers' remaining near zero: the rates times this, at most once a second
 LOW_REMAINING = 0.02  # "near zero": this share of the limit (at least one request's cost)
 RECOVERY = 0.05  # after a decrease the rates climb back by this share of their target a second
-NEAR = 0.97  # within this share of the rate of the last 429 ...
+NEAR = 0.93  # within this share of the rate of the last 429 ...
 NEAR_RECOVERY = 0.003  # ... they climb by this share of it a second (probing, gently)
-PROBE_DECREASE = 0.95  # a 429 met while probing near the rate of the last one: the rates times this
+PROBE_DECREASE = 0.92  # without headers, a 429 met while probing near the rate of the last one, or a cap
+#   at what the server admitted: the rates times this (under the limit by more than the probe overshoots)
+STRAY_DECREASE = 0.95  # an isolated 429 that leaves most of the reported limits: the rates times this
 ADMITTED_S = 1.0  # without headers, what the server admits is read over the attempts of this long ...
 REFUSAL_MARGIN_S = 0.05  # ... that went this long ago, and twice as long as a 429 takes to come back,
 SATURATED = 0.1  # ... where this share of them, and two at least, was refused (a stray 429 is no limit)
@@ -66,9 +75,11 @@ LOWER_GAP_S = 1.0  # a 429 lowers the rates at most once this long after the las
 PROBE_GROWTH = 0.2  # no limit known yet (a 429 while sending in bursts): the rates grow this share a second
 CATCH_UP_S = 0.05  # lateness the pace makes up for (a short burst), so that it does not fall behind
 SMOOTHING = 0.1  # the latency and the tokens of a request are averages over about this many answers, inverted
+QUIET_S = 20.0  # without headers, the gentle climb near the last 429 is 1 + (seconds without one) / this times faster
+MIN_HOLD_S = 0.25  # without headers, a 429 holds every attempt at least this long
 SHARES_S = 1.0  # the others' share of a limit is read over this long
 SHARES_SMOOTHING = 0.3  # each reading moves the estimate this far
-MIN_SHARE = 0.2  # this client's target never falls below this share of the limit, however many share it  # the rate the server accepted is measured over the last this many seconds
+MIN_SHARE = 0.2  # this client's target never falls below this share of the limit, however many share it
 CHARS_PER_TOKEN = 4  # the pacing estimate of a prompt's tokens (the server's count corrects it)
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|μs|ns)")
@@ -125,6 +136,7 @@ class Pace:
     unpaced: float = 0.0  # units sent before there was a rate, within a second of each other
     unpaced_at: float = -math.inf  # when the last of them went
     lowered_at: float = -math.inf  # the last time the remaining headers lowered it
+    quiet_since: float = 0.0  # the end of the last 429's pause
 
     def wait(self, now: float) -> float:
         return 0.0 if self.rate is None else max(0.0, self.next_at - now)
@@ -168,6 +180,7 @@ class Pace:
         if self.target is None and self.refused_at is not None and NEAR * self.refused_at <= self.rate:
             # near the rate of the last 429: gently; well past it without a 429, it was no limit
             step = NEAR_RECOVERY * self.refused_at if self.rate <= self.refused_at / NEAR else RECOVERY * self.rate
+            step *= 1 + max(0.0, now - self.quiet_since) / QUIET_S
         self.rate = self.rate + step * min(elapsed, 1.0)
         if self.target is not None:
             self.rate = min(self.rate, self.target)
@@ -486,8 +499,17 @@ class RateLimiter:
         self.refused_since += 1
         self._refused_times.append(ticket.sent_at)
         self._refusal_rtt = max(now - ticket.sent_at, 0.9 * self._refusal_rtt)
-        if retry_after and not limits_left:
-            self.paused_until = max(self.paused_until, now + retry_after)
+        if not limits_left:  # no climbing while the server refuses: answers of earlier attempts say nothing
+            hold = retry_after or 0.0
+            if not self.reports_limits:
+                hold = max(hold, MIN_HOLD_S)
+            self.paused_until = max(self.paused_until, now + hold)
+            for pace in self.paces.values():  # and after the pause the pace starts afresh: no catching up
+                pace.climbed_at = max(pace.climbed_at, self.paused_until)
+                pace.next_at = max(pace.next_at, self.paused_until)
+                pace.quiet_since = self.paused_until
+        if not self.reports_limits and self.paced:
+            self._down_to_sent(now, ticket)
         # Without headers, what the server admitted lately is the limit, where more was sent than it
         # admitted: no rate stays above it, whatever the round.
         admitted = None if self.reports_limits else self.admitted_rate(now)
@@ -507,7 +529,7 @@ class RateLimiter:
             # last second's answers, and at most one per Retry-After), and grow by
             # PROBE_GROWTH a second until a 429 of the paced sending says where the limit is.
             sending = min(self.concurrency / max(self._latency or 1.0, 1e-3), len(self._answers) + 1.0)
-            if retry_after:  # until one more request fits: over an emptied limit, one refill's time
+            if retry_after and retry_after < 1.0:  # until one more fits (over an emptied limit: one refill), where said within the second (a whole-second Retry-After is rounded up: no bound)
                 sending = min(sending, 1.0 / retry_after)
             if admitted:  # and at most what the server admitted (a burst over a full bucket drains it)
                 sending = min(sending, admitted)
@@ -519,8 +541,18 @@ class RateLimiter:
         for kind, pace in self.paces.items():
             sent_at = ticket.rates.get(kind)
             probing = pace.target is None and pace.refused_at and sent_at and sent_at >= NEAR * pace.refused_at
-            pace.lower(PROBE_DECREASE if probing or limits_left else DECREASE, sent_at)
+            pace.lower(STRAY_DECREASE if limits_left else PROBE_DECREASE if probing else DECREASE, sent_at)
             pace.climbed_at = max(pace.climbed_at, now if limits_left else now + (retry_after or 0.0))
+
+    def _down_to_sent(self, now: float, ticket: Ticket) -> None:
+        """A rate above what was sent over the last ADMITTED_S is none: the pauses of 429s (a whole-second
+        Retry-After), not the pace, held the sending; the rate comes down to what went, for the decrease
+        to start from."""
+        sent = sum(1 for t in self._sent_times if t >= now - ADMITTED_S) / ADMITTED_S
+        if sent and self._sent_times[0] <= now - ADMITTED_S:
+            for kind, pace in self.paces.items():
+                if pace.rate is not None and pace.target is None:
+                    pace.rate = min(pace.rate, sent * self._cost(kind, ticket))
 
     def _cap(self, admitted: float, ticket: Ticket) -> bool:
         """Lower every unreported limit's rate to DECREASE of the rate the server admitted, where it
@@ -529,7 +561,7 @@ class RateLimiter:
         for kind, pace in self.paces.items():
             unit = self._cost(kind, ticket)
             if pace.rate is not None and pace.target is None and pace.rate > admitted * unit:
-                pace.refused_at, pace.rate = admitted * unit, max(DECREASE * admitted * unit, 1e-3)
+                pace.refused_at, pace.rate = admitted * unit, max(PROBE_DECREASE * admitted * unit, 1e-3)
                 capped = True
         return capped
 

@@ -122,14 +122,19 @@ def embedded_server(state: Path, model: Path = DEFAULT_DIR, dtype: str | None = 
         stop(state)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="Start or stop the embedded local LLM server.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m personamath.serve",
+                                description="Start or stop the embedded local LLM server.")
     p.add_argument("action", choices=["start", "stop"])
     p.add_argument("--model", type=Path, default=DEFAULT_DIR)
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
     p.add_argument("--dtype", choices=CHOICES, default=None,
                    help=f"vLLM dtype (default: ${ENV_VAR}, else bf16 where the CPU computes it natively, else fp32)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     with exit_on_user_error():
         if args.action == "start":
             print(start(args.model, args.state, dtype=args.dtype)["url"])

@@ -7,6 +7,7 @@ holds only the counts and the items in progress; the files take their names only
 What makes a killed run cheap is the response cache (llm.py), from which a rerun rebuilds every
 finished item without a request.
 """
+import argparse
 import asyncio
 import sys
 from collections import Counter
@@ -17,9 +18,10 @@ from . import batch, grader
 from .async_grading import GradingFailed, GradingTally
 from .batch_state import STATE_FILE
 from .config import RecipeParser
+from .data import TRAIN_FILES, load_any
 from .errors import UserError
 from .jsonl import JsonlWriter, iter_jsonl, write_json
-from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, LLMRejected, add_llm_args, cost_of
+from .llm import ITEM_REQUESTS, BudgetExceeded, LLMClient, LLMError, LLMRejected, add_llm_args
 from .progress import RequestProgress
 from .provenance import provenance
 
@@ -43,6 +45,7 @@ def stage_parser(name: str, description: str) -> RecipeParser:
                    help="what counts as a solution's final answer: boxed (default) only `\\boxed{}`; stated also "
                         "a closing \"The final answer is X\" line (a lower bar, for weak models)")
     add_llm_args(p)
+    add_dry_run_args(p)
     batch.add_batch_args(p)
     return p
 
@@ -319,20 +322,83 @@ def write_stage(output: StageOutput, result: StageResult, llm: LLMClient, gradin
     return 0
 
 
-def print_estimate(name: str, llm: LLMClient, requests: list, output_dir: Path, note: str = "") -> None:
-    """--dry_run output: the requests the stage could send (each one it may need) and their estimated
-    cost, printed and written to OUTPUT_DIR/NAME.estimate.json (read by chain.py --dry_run)."""
-    est = llm.estimate(requests)
-    transport = getattr(llm, "transport", None)
-    if transport is not None:  # --batch: at batch prices
-        est["cost_usd_est"] = cost_of(transport.price, est["prompt_tokens_est"], est["completion_tokens_est"])
-    cost = "unknown (no price for this model)" if est["cost_usd_est"] is None else f"${est['cost_usd_est']:.2f}"
+def print_estimate(name: str, llm: LLMClient, planned, output_dir: Path, assumed: str = "") -> None:
+    """--dry_run output: the requests the stage may send (Planned, each one it may need) and what they would
+    cost, expected and in the worst case (LLMClient.estimate), with `assumed`, what the expected case takes
+    for granted; printed and written to OUTPUT_DIR/NAME.estimate.json (read by chain.py --dry_run)."""
+    transport = getattr(llm, "transport", None)  # --batch: at batch prices
+    est = llm.estimate(planned, transport.price if transport is not None else llm.ledger.price)
     prices = f" at {transport.runner.name} batch prices" if transport is not None else ""
-    print(f"{name} --dry_run: {est['requests']} requests ({est['cached']} cached, {est['to_send']} to send); "
-          f"~{est['prompt_tokens_est']:,} prompt + ~{est['completion_tokens_est']:,} completion tokens; "
-          f"estimated cost {cost} for {llm.model}{prices}{note}")
+    cost = ("unknown (no price for this model)" if est["cost_usd_est"] is None else
+            f"{usd(est['cost_usd_est'])} expected, {usd(est['cost_usd_worst'])} worst case,")
+    print(f"{name} --dry_run: {est['requests']:,} requests ({est['cached']:,} cached, {est['to_send']:,} to send); "
+          f"estimated cost {cost} for {llm.model}{prices}\n"
+          f"  expected: ~{est['requests_expected']:,.0f} requests, ~{est['prompt_tokens_est']:,} prompt + "
+          f"~{est['completion_tokens_est']:,} completion tokens (answers of {est['output_tokens_expected']:,} tokens: "
+          f"--dry_run_output_tokens, at most --max_tokens)\n"
+          f"  worst case: every request sent, {est['prompt_tokens_worst']:,} prompt + "
+          f"{est['completion_tokens_worst']:,} completion tokens (every answer {est['max_tokens']:,} tokens: "
+          f"--max_tokens; prompts at the bound --max_cost reserves; a retry after a lost answer may be billed again)"
+          + (f"\n  assumed: {assumed}" if assumed else ""))
     write_json(Path(output_dir) / f"{name}.estimate.json", {"stage": name, "model": llm.model, **est,
-                                                            "batch_prices": transport is not None})
+                                                            "batch_prices": transport is not None,
+                                                            "assumed": assumed or None})
+
+
+def usd(cost: float) -> str:
+    """Dollars as --dry_run prints them: cents, or a tenth of a cent below a dollar."""
+    return f"${cost:,.2f}" if cost >= 1 else f"${cost:.3f}"
+
+
+def share(text: str) -> float:
+    """A share of questions, 0 to 1 (an argparse type)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return value
+
+
+def add_dry_run_args(parser) -> None:
+    """--dry_run's stated assumption about gen_cot's yield, which the expected cost of every stage depends on."""
+    parser.add_argument("--dry_run_solved_share", type=share, default=0.7,
+                        help="--dry_run's expected case: the share of questions gen_cot solves (default 0.7, the "
+                             "share the full-scale rehearsal solved, 10,467 of 14,973, against the simulated server: "
+                             "no yield of gpt-4o-mini was measured here). gen_cot: the share solved at the first "
+                             "attempt, the others taking every --num_samples attempt; persona_augment and reflection: "
+                             "the share of --dry_run_inputs that their input holds, before it exists")
+
+
+def add_dry_run_inputs_arg(parser, stage_input: str) -> None:
+    """--dry_run_inputs, for a stage whose input (`stage_input`, of gen_cot) may not exist yet."""
+    parser.add_argument("--dry_run_inputs", nargs="+", default=list(TRAIN_FILES.values()),
+                        help=f"the questions gen_cot is given (its --inputs; default: {' '.join(TRAIN_FILES.values())}): "
+                             f"while {stage_input} does not exist, --dry_run prices the stage from them, at "
+                             f"--dry_run_solved_share")
+
+
+def question_rows(inputs: list[str]) -> list[dict]:
+    """The questions of GSM8K/MATH files (or `datasets` names) as rows of gen_cot's outputs, without answers."""
+    rows = []
+    for spec in inputs:
+        task, problems = load_any(spec)
+        rows += [{"id": f"{task}/{p.id}", "source": task, "problem": p.question, "gold": p.gold, "level": p.level,
+                  "subject": p.subject} for p in problems]
+    return rows
+
+
+def assumed_input(inputs: list[str], share_of_questions: float, limit: int | None, missing: Path,
+                  which: str) -> tuple[list[dict], float, str]:
+    """--dry_run before the stage's input (`missing`) exists: the questions of `inputs` (the first --limit) as
+    its rows, each one of them with the chance that gives `share_of_questions` of all of them (the expected
+    case; the worst case takes every one), and that assumption in words (`which`: which share it is)."""
+    questions = question_rows(inputs)
+    rows = questions[:limit]
+    expected_rows = min(share_of_questions * len(questions), len(rows))
+    capped = f", at most --limit {limit}" if limit is not None and limit < len(questions) else ""
+    words = (f"{missing} does not exist yet: priced from the {len(questions):,} questions of --dry_run_inputs, "
+             f"{100 * share_of_questions:.0f}% of them {which}: ~{expected_rows:,.0f} rows{capped}; the worst case "
+             f"takes all {len(rows):,}")
+    return rows, expected_rows / len(rows) if rows else 0.0, words
 
 
 def read_stage_rows(path) -> list[dict]:

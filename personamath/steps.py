@@ -73,7 +73,7 @@ async def solve(llm: LLMClient, grader: AsyncGrader, source: str, problem: str, 
                 sample: int = 0) -> tuple[str, bool]:
     """A fresh solution (never shown any earlier one) and whether its answer is the gold one."""
     reply = await llm.chat(solve_messages(problem), sample=sample, kind="solve")
-    return reply.text, reply.finish_reason != "length" and await grader.correct(source, reply.text, gold, problem)
+    return reply.text, await grader.correct(source, reply.text, gold, problem, truncated=reply.finish_reason == "length")
 
 
 async def reflect(llm: LLMClient, grader: AsyncGrader, source: str, problem: str, gold: str,
@@ -81,8 +81,8 @@ async def reflect(llm: LLMClient, grader: AsyncGrader, source: str, problem: str
     """The LLM is told its attempt is wrong (never the gold answer): (reflection, corrected solution, correct)."""
     reply = await llm.chat(reflect_messages(problem, wrong), kind="reflect")
     reflection, solution = split_reflection(reply.text)
-    return reflection, solution, reply.finish_reason != "length" and await grader.correct(source, solution, gold,
-                                                                                          problem)
+    return reflection, solution, await grader.correct(source, solution, gold, problem,
+                                                      truncated=reply.finish_reason == "length")
 
 
 async def rewrite(llm: LLMClient, problem: str, persona: str) -> str | None:

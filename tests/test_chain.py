@@ -112,11 +112,19 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
     report = (run / "report.md").read_text()
     assert f"| {base} |" in report and f"| {trained} |" in report and f"| cot | {N_GSM8K + N_MATH} |" in report
     assert "[dataset/viewer.html](dataset/viewer.html)" in report  # the main job leaves a viewer, linked
-    assert (run / "dataset/viewer_data.js").stat().st_size > 0 and (run / "dataset/PersonaMathQA.parquet").exists()
+    assert (run / "dataset/viewer_data/index.js").stat().st_size > 0 and (run / "dataset/PersonaMathQA.parquet").exists()
     decontaminated = dataset["decontamination"]
-    assert (f"Decontamination (judge): {decontaminated['removed']} rows removed as the same problem as a test item, "
-            f"{decontaminated['siblings_kept']} siblings kept") in report
-    for plot in ("math_by_level", "math_by_subject", "stage_yields"):
+    assert f"| contaminated | {decontaminated['removed']} |" in report
+    assert (f"Decontamination (judge): siblings of test items kept (same template, another problem; "
+            f"`dataset/siblings_kept.jsonl`): {decontaminated['siblings_kept']}.") in report
+    # whether training took: the rows, the loss, the weights, both models on the training set's questions
+    summary = json.loads((run / "train/training_summary.json").read_text())
+    assert summary["examples"] == dataset["kept"]["total"] and summary["optimizer_steps"] > 0
+    assert f"Trained on **{summary['examples']} rows**" in report and "## Did the training take?" in report
+    for label in (base, trained):
+        assert json.loads((run / f"eval/{label}/training_questions/math/summary.json").read_text())["n"] > 0
+        assert re.search(rf"^\| {re.escape(label)} \| .*\d+/\d+\)", report.split("## Did the training take?")[1], re.M)
+    for plot in ("math_by_level", "math_by_subject", "stage_yields", "training_loss"):
         assert (run / f"plots/{plot}.png").stat().st_size > 1000
     assert "[chain] finished" in result.stdout and "| model | GSM8K paper (ours) |" in result.stdout
     # Live progress: a step that runs longer than --progress_interval shows its latest line on the
@@ -143,7 +151,8 @@ def test_chain_runs_every_stage_and_counts_agree(tmp_path, train_problems, tiny_
             if key not in ("model_name_or_path", "base_url", "judge_base_url") and value is not None:
                 assert used["settings"][key] == value and key in used["from"]["recipe"], (path, key)
     command, _, _ = json.loads((run / ".done/eval_base").read_text())
-    assert "evaluate.py" in command[1] and command[command.index("--tasks") + 1:] == ["gsm8k", "math"]
+    assert "evaluate.py" in command[1] and command[command.index("--tasks") + 1:][:2] == ["gsm8k", "math"]
+    assert command[command.index("--training_questions") + 1] == str(run / "dataset/PersonaMathQA.jsonl")
 
     # Every output that carries a number says what made it: this checkout's commit, the versions, the device.
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

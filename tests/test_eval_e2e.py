@@ -14,7 +14,7 @@ ROW_FIELDS = {"task", "id", "question", "gold", "prompt", "prompt_version", "com
               "verify_correct", "grading_errors"}
 
 
-def check_outputs(out_dir, task, n):
+def check_outputs(out_dir, task, n, protocol):
     rows = read_jsonl(out_dir / "generations.jsonl")
     summary = json.loads((out_dir / "summary.json").read_text())
     assert len(rows) == n == summary["n"]
@@ -29,8 +29,8 @@ def check_outputs(out_dir, task, n):
     assert summary["disagreements"]["count"] == sum(r["paper_correct"] != r["verify_correct"] for r in rows)
     assert summary["tokens"]["completion"] == sum(r["completion_tokens"] for r in rows) > 0
     assert summary["wall_s"]["generation"] > 0 and summary["completion_tokens_per_s"] > 0
-    # the default protocol, recorded in the summary and in every row (so that re-grading keeps it)
-    assert summary["protocol"]["name"] == "ours" and not summary["protocol"]["comparable"]
+    # the protocol, recorded in the summary and in every row (so that re-grading keeps it)
+    assert summary["protocol"]["name"] == protocol
     assert all(r["protocol"] == summary["protocol"] for r in rows)
     assert summary["generation"]["sampling"]["stop"] == summary["protocol"]["stop"]
     markdown = (out_dir / "summary.md").read_text()
@@ -63,14 +63,16 @@ def check_regrading(script, out_dir, tmp_path, task):
 
 @pytest.mark.slow
 def test_eval_gsm8k_cli(tmp_path, embedded_model):
-    """The real script, with the authors' flags (--start/--end/--batch_size) and their prompt."""
+    """The real script, with the authors' flags (--start/--end/--batch_size), their prompt and by default their
+    protocol (a shorter --max_tokens is its one deviation, recorded)."""
     out_dir = tmp_path / "gsm8k"
     result = run_script("eval_gsm8k.py", "--model", str(embedded_model), "--data_file", str(DATA / "GSM8K_test.jsonl"),
                         "--start", "100", "--end", "108", "--batch_size", "8", "--max_tokens", "192",
                         "--output_dir", str(out_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| verify |" in result.stdout
-    rows, summary = check_outputs(out_dir, "gsm8k", 8)
+    rows, summary = check_outputs(out_dir, "gsm8k", 8, "authors")
+    assert summary["protocol"]["deviations"] == ["max_tokens 192 (authors: 4096)"]
     assert [r["id"] for r in rows] == [f"GSM8K_test:{i}" for i in range(101, 109)]
     assert rows[0]["prompt"].endswith("### Response: Let's think step by step.")
     assert summary["generation"]["prompt_version"] == "alpaca.v1"
@@ -80,10 +82,10 @@ def test_eval_gsm8k_cli(tmp_path, embedded_model):
 def test_eval_math_chat_prompt(tmp_path, vllm_engine, embedded_model):
     out_dir = tmp_path / "math"
     args = build_parser("math").parse_args(["--model", str(embedded_model), "--data_file", str(DATA / "MATH_test.jsonl"),
-                                            "--limit", "8", "--max_tokens", "192", "--prompt", "chat",
-                                            "--output_dir", str(out_dir)])
+                                            "--limit", "8", "--max_tokens", "192", "--protocol", "ours",
+                                            "--prompt", "chat", "--output_dir", str(out_dir)])
     run("math", args, llm=vllm_engine)
-    rows, summary = check_outputs(out_dir, "math", 8)
+    rows, summary = check_outputs(out_dir, "math", 8, "ours")
     assert rows[0]["prompt"].startswith("<|im_start|>") and "\\boxed{}" in rows[0]["prompt"]
     assert sum(t["paper"]["n"] for t in summary["by_level"].values()) == 8
     assert sum(t["verify"]["n"] for t in summary["by_subject"].values()) == 8
@@ -140,8 +142,8 @@ def test_evaluate_one_engine_matches_the_scripts_apart(tmp_path, embedded_model)
 
     keys = ("id", "completion", "paper_correct", "verify_correct", "paper_extracted", "verify_extracted")
     for task in ("gsm8k", "math"):
-        rows, summary = check_outputs(together / task, task, 3)
-        rows_apart, summary_apart = check_outputs(apart / task, task, 3)
+        rows, summary = check_outputs(together / task, task, 3, "ours")
+        rows_apart, summary_apart = check_outputs(apart / task, task, 3, "ours")
         assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in rows_apart], task
         assert summary["correct"] == summary_apart["correct"]
         assert summary["generation"]["sampling"] == summary_apart["generation"]["sampling"]

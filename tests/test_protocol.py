@@ -26,10 +26,10 @@ def parse(task, *argv):
 
 
 def test_protocols_as_resolved_from_the_flags(capsys):
-    ours = resolve_protocol(parse("gsm8k"))
+    ours = resolve_protocol(parse("gsm8k", "--protocol", "ours"))
     assert (ours["name"], ours["stop"], ours["max_tokens"], ours["comparable"]) == ("ours", ALPACA_STOP, 4096, False)
-    assert resolve_protocol(parse("gsm8k", "--prompt", "chat"))["stop"] == []
-    assert resolve_protocol(parse("gsm8k", "--max_tokens", "64"))["max_tokens"] == 64
+    assert resolve_protocol(parse("gsm8k", "--protocol", "ours", "--prompt", "chat"))["stop"] == []
+    assert resolve_protocol(parse("gsm8k", "--protocol", "ours", "--max_tokens", "64"))["max_tokens"] == 64
 
     authors = resolve_protocol(parse("math", "--protocol", "authors"))
     assert AUTHORS_STOP == THEIR_STOP
@@ -112,7 +112,7 @@ def test_authors_protocol_requests_their_sampling(tmp_path, vllm_engine, embedde
 def test_ours_requests_alpaca_stops_and_records_it(tmp_path, vllm_engine, embedded_model):
     engine = Recording(vllm_engine)
     args = parse("gsm8k", "--model", str(embedded_model), "--data_file", str(DATA / "GSM8K_test.jsonl"),
-                 "--limit", "2", "--max_tokens", "8", "--output_dir", str(tmp_path))
+                 "--protocol", "ours", "--limit", "2", "--max_tokens", "8", "--output_dir", str(tmp_path))
     summary = run("gsm8k", args, llm=engine)
     assert [(p.max_tokens, p.stop) for p in engine.params] == [(8, ALPACA_STOP)] * 2
     assert summary["protocol"]["name"] == "ours" and summary["protocol"]["stop"] == ALPACA_STOP
@@ -207,7 +207,8 @@ def test_regrading_reads_the_protocol_from_the_rows(tmp_path):
     with pytest.raises(UserError, match="generated under --protocol authors, not ours"):
         run("gsm8k", parse("gsm8k", "--generations", str(tmp_path / "generations.jsonl"), "--protocol", "ours",
                            "--output_dir", str(tmp_path / "out2")))
-    write_jsonl(tmp_path / "mixed.jsonl", rows + [{**rows[0], "protocol": resolve_protocol(parse("gsm8k"))}])
+    write_jsonl(tmp_path / "mixed.jsonl",
+                rows + [{**rows[0], "protocol": resolve_protocol(parse("gsm8k", "--protocol", "ours"))}])
     with pytest.raises(UserError, match="different protocols"):
         run("gsm8k", parse("gsm8k", "--generations", str(tmp_path / "mixed.jsonl"), "--output_dir",
                            str(tmp_path / "out3")))
@@ -247,7 +248,7 @@ def test_report_labels_columns_and_compares_only_under_authors(tmp_path):
 
     ours = tmp_path / "ours"
     for task in ("gsm8k", "math"):
-        write_summary(ours, "PersonaMath-Qwen2.5-7B", task, [])
+        write_summary(ours, "PersonaMath-Qwen2.5-7B", task, ["--protocol", "ours"])
     header, rows, results = results_rows(ours)
     assert "GSM8K paper (ours)" in header and "MATH verify (ours)" in header and "(authors)" not in header
     assert rows["PersonaMath-Qwen2.5-7B"].endswith("| not shown (ours) | not shown (ours) |")
@@ -259,9 +260,9 @@ def test_report_labels_columns_and_compares_only_under_authors(tmp_path):
 def test_report_mixed_protocols_deviations_and_unrecorded(tmp_path):
     write_summary(tmp_path, "PersonaMath-Qwen2.5-7B", "gsm8k", ["--protocol", "authors"])
     write_summary(tmp_path, "PersonaMath-Qwen2.5-7B", "math", ["--protocol", "authors", "--max_tokens", "512"])
-    write_summary(tmp_path, "Llama-2-7b-hf", "gsm8k", [])
+    write_summary(tmp_path, "Llama-2-7b-hf", "gsm8k", ["--protocol", "ours"])
     write_summary(tmp_path, "Llama-2-7b-hf", "math", None)  # written before protocols were recorded
-    write_summary(tmp_path, "mine", "gsm8k", [])
+    write_summary(tmp_path, "mine", "gsm8k", ["--protocol", "ours"])
     header, rows, results = results_rows(tmp_path)
     assert "| GSM8K paper (authors/ours) |" in header and "| MATH paper (authors*/unrecorded) |" in header
     # Mixed columns tag each cell; only the unchanged authors' run sits beside a published figure.

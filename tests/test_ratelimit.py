@@ -15,7 +15,7 @@ from fake_server import FakeServerConfig, RateLimits, format_duration, start_in_
 from personamath.data import load_problems
 from personamath.jsonl import read_jsonl
 from personamath.llm import cost_of, price_of
-from personamath.ratelimit import (DECREASE, INITIAL_CONCURRENCY, ISOLATED_ATTEMPTS, LOW_DECREASE, PROBE_DECREASE, RECOVERY, TARGET_SHARE,
+from personamath.ratelimit import (DECREASE, INITIAL_CONCURRENCY, ISOLATED_ATTEMPTS, LOW_DECREASE, RECOVERY, STRAY_DECREASE, TARGET_SHARE,
                                    RateLimiter, Shares, Ticket, parse_duration, request_tokens)
 
 GSM8K = DATA / "gsm8k" / "train.jsonl"
@@ -194,7 +194,7 @@ def test_a_429_lowers_the_rate_once_a_round_holds_everything_and_the_rate_climbs
 
 
 def test_a_429_while_the_headers_leave_most_of_the_limits_lowers_gently_and_holds_only_itself():
-    """An isolated 429 that is not the reported limits' (a stray one): PROBE_DECREASE, and the other
+    """An isolated 429 that is not the reported limits' (a stray one): STRAY_DECREASE, and the other
     attempts go on; a second soon after is a limit the headers do not show (one enforced per second)."""
     clock = Clock()
     limiter = RateLimiter(256, clock=clock)
@@ -203,19 +203,19 @@ def test_a_429_while_the_headers_leave_most_of_the_limits_lowers_gently_and_hold
     target = limiter.paces["requests"].rate
     clock.now += 1
     limiter.answered(limiter.try_acquire(1), headers, 429, retry_after=2.0)
-    assert limiter.paces["requests"].rate == pytest.approx(target * PROBE_DECREASE)
+    assert limiter.paces["requests"].rate == pytest.approx(target * STRAY_DECREASE)
     assert limiter.paused_until < clock.now + 1  # no pause for everyone
     clock.now += 1
     assert limiter.try_acquire(1) is not None
     clock.now += 1  # another within ISOLATED_ATTEMPTS: a limit the headers do not show (per second): a decrease, a pause
     limiter.answered(limiter.try_acquire(1), headers, 429, retry_after=2.0)
-    assert limiter.paces["requests"].rate < target * PROBE_DECREASE * DECREASE * 1.01
+    assert limiter.paces["requests"].rate < target * STRAY_DECREASE * DECREASE * 1.01
     assert limiter.paused_until >= clock.now + 2.0 - 1e-9
 
 
 def test_stray_429s_rarer_than_one_in_isolated_attempts_each_lower_gently_with_or_without_headers():
     """A server that reports its limits sends a stray 429 without them (an overload, a fault): judged by
-    the latest answer's headers. Strays ISOLATED_ATTEMPTS apart, at any rate, each cost PROBE_DECREASE
+    the latest answer's headers. Strays ISOLATED_ATTEMPTS apart, at any rate, each cost STRAY_DECREASE
     and no pause; the rate recovers in between."""
     clock = Clock()
     limiter = RateLimiter(256, clock=clock)
@@ -232,7 +232,7 @@ def test_stray_429s_rarer_than_one_in_isolated_attempts_each_lower_gently_with_o
         ticket = limiter._take(1, clock.now)
         limiter.answered(ticket, {}, 429, retry_after=1.0)  # no headers with it
         limiter.release(ticket)
-        assert limiter.paces["requests"].rate >= target * PROBE_DECREASE - 1e-9  # (within LOWER_GAP_S: not at all)
+        assert limiter.paces["requests"].rate >= target * STRAY_DECREASE - 1e-9  # (within LOWER_GAP_S: not at all)
         assert limiter.paused_until <= clock.now
     for _ in range(10):  # one more 10 attempts later (after LOWER_GAP_S): no stray, a limit
         clock.now += 0.15

@@ -155,14 +155,99 @@ def test_bad_data_line_is_named_and_nothing_is_trained(tiny_model, tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.fixture(scope="session")
+def one_row(tmp_path_factory, real_rows):
+    path = tmp_path_factory.mktemp("one_row") / "PersonaMathQA.jsonl"
+    write_jsonl(path, real_rows[:1])
+    return path
+
+
+def test_a_run_that_cannot_change_the_model_is_refused_before_training(tiny_model, one_row, tmp_path, monkeypatch):
+    """One row for one epoch with the defaults (1 x 4 accumulation, warmup 3% of the steps) makes one
+    optimizer step, and the cosine schedule's warmup holds it at learning rate 0: refused, with the numbers,
+    before the Trainer trains."""
+    import transformers
+
+    def train(*args, **kwargs):
+        raise AssertionError("the Trainer trained a run that was to be refused")
+
+    monkeypatch.setattr(transformers.Trainer, "train", train)
+    out = tmp_path / "out"
+    result = run_here("train.py", "--model_name_or_path", tiny_model, "--data_path", one_row, "--output_dir", out,
+                      "--use_cpu", "True", "--num_train_epochs", "1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ("error: training would not change the model: rows 1, global batch 4 (per device 1 x accumulation "
+            "steps 4 x data-parallel ranks 1), epochs 1: optimizer steps 1, of them at a learning rate above 0: 0 "
+            "(warmup steps 1, learning rate 2e-05, cosine schedule). For a step at a learning rate above 0: lower "
+            "--gradient_accumulation_steps") in result.stderr
+    assert "--warmup_steps 0" in result.stderr and "--allow_no_update True trains anyway" in result.stderr
+    assert not list(out.glob("*"))
+
+
+def test_allow_no_update_trains_and_records_an_unchanged_model(tiny_model, one_row, tmp_path, caplog):
+    """--allow_no_update trains the refused run: its one step, at learning rate 0 as planned, leaves every
+    weight as it was, and training_summary.json and the log say so."""
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    result = run_here("train.py", "--model_name_or_path", tiny_model, "--data_path", one_row, "--output_dir", out,
+                      "--use_cpu", "True", "--num_train_epochs", "1", "--allow_no_update", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [(h["step"], h["learning_rate"]) for h in history if "loss" in h] == [(1, 0.0)]
+    assert summary["examples"] == 1 and summary["optimizer_steps"] == summary["planned_optimizer_steps"] == 1
+    assert summary["planned_steps_above_zero_lr"] == 0
+    assert summary["loss_curve"] == [[1, summary["loss_first"]]] and summary["loss_last"] == summary["loss_first"]
+    with safe_open(tiny_model / "model.safetensors", "pt") as base:
+        tensors = len(base.keys())
+    assert summary["weights"] == {"base": str(tiny_model), "compared": True, "tensors_compared": tensors,
+                                  "tensors_changed": 0, "max_abs_change": 0.0, "relative_change": 0.0,
+                                  "equals_base": True}
+    assert summary["provenance"]["versions"]["transformers"]
+    assert "training anyway (--allow_no_update)" in caplog.text
+    assert "the trained model EQUALS the base model: no weight changed in 1 optimizer step (0 planned" in caplog.text
+
+
+def test_weight_change_reads_sharded_folders_tensor_by_tensor(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from personamath.training_check import weight_change
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "base", max_shard_size="500KB")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] += 0.5
+    model.save_pretrained(tmp_path / "trained", max_shard_size="5MB")  # shards split elsewhere
+    base_shards, trained_shards = (sorted((tmp_path / name).glob("*.safetensors")) for name in ("base", "trained"))
+    assert len(base_shards) > len(trained_shards) > 1
+    base = {k: v for shard in base_shards for k, v in load_file(shard).items()}
+    trained = {k: v for shard in trained_shards for k, v in load_file(shard).items()}
+    norm = torch.cat([t.flatten() for t in base.values()]).double().norm().item()
+    step = (trained["model.layers.1.mlp.down_proj.weight"] - base["model.layers.1.mlp.down_proj.weight"]).abs().max()
+
+    change = weight_change(tmp_path / "base", tmp_path / "trained")
+    assert change["compared"] and not change["equals_base"]
+    assert change["tensors_compared"] == len(base) and change["tensors_changed"] == 1
+    assert change["max_abs_change"] == step.item() == pytest.approx(0.5)
+    assert change["relative_change"] == pytest.approx(step.item() / norm, rel=1e-5)
+    same = weight_change(tiny_model, tmp_path / "base")  # one file against shards
+    assert same["equals_base"] and same["max_abs_change"] == 0 and same["tensors_compared"] == len(base)
+    hub = weight_change("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "trained")
+    assert not hub["compared"] and "not a local folder of safetensors weights" in hub["why"]
+    (tmp_path / "empty").mkdir()
+    assert "holds no tensor named as one in" in weight_change(tmp_path / "base", tmp_path / "empty")["why"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(zero: int, ranks: int, model, data, out: Path, *extra: str, timeout: float = 600):
-    """run_zero{2,3}.sh as a user runs it, on `ranks` CPU ranks."""
+def launch(zero: int, ranks: int, model, data, out: Path, *extra: str, timeout: float = 600, check: bool = True):
+    """run_zero{2,3}.sh as a user runs it, on `ranks` CPU ranks; with `check`, it must succeed."""
     env = {**os.environ, "MODEL_PATH": str(model), "DATA_PATH": str(data), "OUTPUT_DIR": str(out),
            "NUM_GPUS": str(ranks), "MASTER_PORT": str(_free_port()), "PER_DEVICE_BATCH_SIZE": "4",
            "GRAD_ACCUM": "1", "MAX_LENGTH": "256", "SAVE_STEPS": "5",
@@ -171,7 +256,7 @@ def launch(zero: int, ranks: int, model, data, out: Path, *extra: str, timeout: 
     env.pop("OMP_NUM_THREADS", None)
     result = subprocess.run(["bash", f"run_zero{zero}.sh", *extra], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-5000:]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))  # cleaned up
     return result
 
@@ -203,6 +288,7 @@ def zero3_two_ranks(tmp_path_factory, tiny_model, train_file):
 def test_training_lowers_loss_and_saves_the_trained_weights(zero, ranks, tmp_path, tiny_model, train_file,
                                                             zero3_two_ranks):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
 
     out = zero3_two_ranks if (zero, ranks) == (3, 2) else tmp_path / "out"
     if out != zero3_two_ranks:
@@ -215,11 +301,38 @@ def test_training_lowers_loss_and_saves_the_trained_weights(zero, ranks, tmp_pat
     assert epoch == pytest.approx(4 * ranks / 64)  # every rank took its own 4 of the 64 examples
     stats = json.loads((out / "train_data_stats.json").read_text())
     assert stats["examples"] == 64 and stats["truncated"] > 0
+    # training_summary.json: the steps the plan counted are the steps the Trainer made, at the rates it
+    # logged, and the weight change is the one between the saved files.
+    summary = json.loads((out / "training_summary.json").read_text())
+    rates = [h["learning_rate"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+             if "loss" in h]
+    assert summary["examples"] == 64 - stats["dropped_no_response_tokens"]  # the rows trained on
+    assert summary["optimizer_steps"] == summary["planned_optimizer_steps"] == STEPS
+    assert summary["planned_steps_above_zero_lr"] == sum(rate > 0 for rate in rates) == STEPS - 1  # warmup: 1 step
+    assert summary["loss_curve"] == [[step, curve[step]] for step in sorted(curve)]
+    assert (summary["loss_first"], summary["loss_last"]) == (curve[1], curve[STEPS])
+    weights = summary["weights"]
+    assert weights["compared"] and not weights["equals_base"] and 0 < weights["tensors_changed"]
+    saved, base = load_file(out / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    assert weights["tensors_compared"] == len(base)
+    assert weights["max_abs_change"] == max((saved[k] - base[k]).abs().max().item() for k in base)
     # The consolidated model reloads in this (fresh) process with the weights DeepSpeed trained: the
     # fp32 master weights rebuilt from the last checkpoint's partitions give the same logits.
     trained = get_fp32_state_dict_from_zero_checkpoint(str(out / f"checkpoint-{STEPS}"))
     assert torch.equal(logits(out), logits(tiny_model, trained))
     assert not torch.allclose(logits(out), logits(tiny_model), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_ranks_under_zero3_refuse_a_run_that_cannot_change_the_model(tmp_path, tiny_model, one_row):
+    """Each rank plans the same steps from its own dataloader and refuses, before DeepSpeed starts: the
+    launch fails at once, with no rank left waiting for another."""
+    result = launch(3, 2, tiny_model, one_row, tmp_path / "out", "--num_train_epochs", "1", timeout=300, check=False)
+    assert result.returncode != 0
+    assert ("error: training would not change the model: rows 1, global batch 8 (per device 4 x accumulation "
+            "steps 1 x data-parallel ranks 2), epochs 1: optimizer steps 1, of them at a learning rate above 0: 0"
+            ) in result.stderr
+    assert not list((tmp_path / "out").glob("*"))
 
 
 @pytest.mark.slow
