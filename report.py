@@ -152,11 +152,6 @@ def excerpt(text, limit: int = 90) -> str:
     return (text[:limit] + "…" if len(text) > limit else text).replace("|", "\\|")
 
 
-def reason_kind(reason: str) -> str:
-    """'invalid rewrite: drops numbers of the original (3)' -> 'invalid rewrite' (the rule is in the example)."""
-    return reason.split(":", 1)[0]
-
-
 def example(row: dict, answer_format: str) -> str:
     """One dropped row in a line: its id, its problem, what was wrong with it."""
     from personamath.parser import final_answer
@@ -226,7 +221,7 @@ def data_story(run_dir: Path) -> list[str]:
     example; then build_dataset's removals. The reasons are defined in REASONS_DOC."""
     from personamath.config import read_settings_used
     from personamath.jsonl import iter_jsonl
-    from personamath.viewer import REJECTED_FILES
+    from personamath.viewer import REJECTED_FILES, reason_kind
 
     gen = run_dir / "gen"
     answer_format = read_settings_used(gen, "gen_cot").get("answer_format", "boxed")

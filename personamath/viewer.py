@@ -38,7 +38,7 @@ REJECTED_FILES = {"cot": "cot_failed", "persona": "persona_rejected", "reflectio
                   "reflection_persona": "reflection_persona_rejected"}
 
 
-def _kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """The filterable kind of a rejection reason ('invalid rewrite: drops numbers ...' -> 'invalid rewrite')."""
     return reason.split(":", 1)[0]
 
@@ -105,7 +105,7 @@ class ViewerData:
                        attempts=attempts)
             return
         response = row.get("solution", row.get("response"))
-        self._drop(row, stage, _kind(row["reason"]), row["reason"], response=response,
+        self._drop(row, stage, reason_kind(row["reason"]), row["reason"], response=response,
                    answer=None if response is None else final_answer(response, self.answer_format),
                    wrong=row.get("reflected_on", row.get("wrong_attempt")), reflection=row.get("reflection"))
 
