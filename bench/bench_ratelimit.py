@@ -10,7 +10,9 @@ against a fresh server in each case, and in the shared cases two gen_cot process
 same limits. For each case: the share of the limit reached (admitted requests, or tokens, a second
 against the limit's rate) in the first window (above 100% where a client spends the burst a full
 window's quota allows) and after it (the steady state: the first window's end to the last admitted
-request), and the share answered 429 over the whole run; for two clients, each one's requests/s and 429s.
+request), and the share answered 429 over the whole run; for two clients, measured while both send (the
+second's first request to the first one's last; the server tells them apart by model name), each one's
+admitted requests/s then and its 429s over its run.
 Targets: >= 95% of the limit with <= 1% answered 429, from the first window on; two clients together
 >= 90%, each <= 1% 429s, neither starved. --pacing off at --concurrency 256 is the baseline.
 
@@ -21,7 +23,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -49,14 +50,14 @@ def start_server(args, port_file: Path, case: dict) -> subprocess.Popen:
     return process
 
 
-def gen_cot(url: str, out: Path, items: int, offset: int, pacing: str) -> subprocess.Popen:
+def gen_cot(url: str, out: Path, items: int, offset: int, pacing: str, model: str) -> subprocess.Popen:
     inputs = out / "questions.jsonl"
     out.mkdir(parents=True)
     with GSM8K.open() as f:
         lines = f.readlines()[offset:offset + items]
     inputs.write_text("".join(lines))
     return subprocess.Popen([sys.executable, str(ROOT / "gen_cot.py"), "--inputs", str(inputs), "--base_url", url,
-                             "--model", "fake-llm", "--concurrency", "256", "--pacing", pacing, "--max_tokens",
+                             "--model", model, "--concurrency", "256", "--pacing", pacing, "--max_tokens",
                              str(MAX_TOKENS), "--output_dir", str(out), "--stall_timeout", "120"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(out / "stderr.log", "w"), text=True)
 
@@ -70,13 +71,10 @@ def run_case(args, case: dict, pacing: str = "headers") -> dict:
         server = start_server(args, Path(tmp) / "port", case)
         try:
             url = f"http://127.0.0.1:{(Path(tmp) / 'port').read_text().strip()}/v1"
-            started = time.monotonic()
-            clients = [gen_cot(url, Path(tmp) / f"client{i}", items // case["clients"],
-                               offset=i * items, pacing=pacing) for i in range(case["clients"])]
-            ended = []
+            clients = [gen_cot(url, Path(tmp) / f"client{i}", items // case["clients"], offset=i * items,
+                               pacing=pacing, model=f"fake-llm-{i}") for i in range(case["clients"])]
             for client in clients:
                 client.wait()
-                ended.append(time.monotonic() - started)
             with urllib.request.urlopen(url.removesuffix("/v1") + "/stats", timeout=10) as response:
                 stats = json.loads(response.read())
             ledgers = [json.loads((Path(tmp) / f"client{i}" / "cot.stats.json").read_text())["ledger"]
@@ -85,24 +83,28 @@ def run_case(args, case: dict, pacing: str = "headers") -> dict:
             server.terminate()
             server.wait()
     counts = stats["ratelimit"]
-    answers = counts["answers"]
-    # The limits reached when both clients were sending: up to the first one's end
-    last = max(t for t, ok, _ in answers if ok)
-    span = min(min(ended), last) if case["clients"] > 1 else last
+    answers = counts["answers"]  # (seconds since the first request, admitted, tokens, the client's model)
+    models = [f"fake-llm-{i}" for i in range(case["clients"])]
+    # The limits reached while every client was sending: from the last one's first request to the first
+    # one's last admitted request (each client's own requests/s and 429s over the same span)
+    together_from = max(min(t for t, _, _, m in answers if m == model) for model in models)
+    span = min(max(t for t, ok, _, m in answers if ok and m == model) for model in models)
     unit = 1 if case["bound"] == "RPM" else TOKENS_PER_REQUEST
 
     def share(start: float, end: float) -> float:
-        admitted = sum(1 if case["bound"] == "RPM" else tokens for t, ok, tokens in answers if ok and start <= t < end)
+        admitted = sum(1 if case["bound"] == "RPM" else tokens for t, ok, tokens, _ in answers if ok and start <= t < end)
         return admitted / (rate * unit * (end - start))  # against the limit's steady rate
 
     refused = counts["rejected"] / max(1, counts["admitted"] + counts["rejected"])
-    first = min(args.window_s, span)
-    return {"share": share(first, span) if span > first + 1 else float("nan"), "first_window": share(0, first),
-            "refused": refused,
-            "requests": counts["admitted"] + counts["rejected"], "span": span,
-            "clients": [{"requests": ledger["requests"], "rate_limited": ledger["rate_limited"],
-                         "requests_per_s": (ledger["requests"] - ledger["rate_limited"]) / t}
-                        for ledger, t in zip(ledgers, ended)]}
+    first = min(together_from + args.window_s, span)
+    per_client = []
+    for model, ledger in zip(models, ledgers):
+        mine = [(t, ok) for t, ok, _, m in answers if m == model and together_from <= t < span]
+        per_client.append({"requests": ledger["requests"], "rate_limited": ledger["rate_limited"],
+                           "requests_per_s": sum(ok for _, ok in mine) / max(span - together_from, 1e-9)})
+    return {"share": share(first, span) if span > first + 1 else float("nan"),
+            "first_window": share(together_from, first), "refused": refused,
+            "requests": counts["admitted"] + counts["rejected"], "span": span, "clients": per_client}
 
 
 def cases(quick: bool) -> list[dict]:

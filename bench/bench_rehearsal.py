@@ -251,7 +251,7 @@ def main() -> None:
 def report(args, run: Path, stats: dict, first: dict, second: dict, server_cpu: float, tmp: Path) -> None:
     limits = stats["ratelimit"]
     rates = (args.rpm * args.factor / 60, args.tpm * args.factor / 60)  # requests and tokens a second
-    answers = [(limits["first_at"] + t, ok, tokens) for t, ok, tokens in limits["answers"]]
+    answers = [(limits["first_at"] + t, ok, tokens) for t, ok, tokens, _ in limits["answers"]]
 
     def account(begin: float, end: float) -> tuple[float, int, int]:
         """The ideal seconds for what the server admitted in [begin, end), its requests, its 429s."""

@@ -15,14 +15,23 @@ What holds in every one of those cases is a send rate, not a count: RateLimiter 
 spread over time and never burst, whatever the headers say is left. The rates come from:
 
 - the headers' limits: TARGET_SHARE of each limit's rate (the limit per window; the window is read
-  from the reset header where it can be, else a minute), from the first answer on, less what other
-  clients of the same key take (Shares: the remaining count falls faster than this client's own
-  sending explains), never below MIN_SHARE of it;
+  from the reset header where it can be, else a minute). The rate starts at START_SHARE of it and
+  climbs to it quickly (START_RECOVERY a second, over no fewer than START_ROUNDS answers' latency):
+  another client of the key may be sending at the limit, and a full bucket does not show it;
+- the headers' remaining falling, which says that every client of the key together takes more than
+  the limit refills (Drain: over a second, or over SLOW_DRAIN_S for a slow fall, by more than arrivals'
+  jitter): the rates are multiplied by DRAIN_TO of the refill over that rate (each client by as much,
+  so that all together come to DRAIN_TO of the limit), and do not climb again until the bucket is
+  back near full. Clients that climb alike and come down in proportion converge to equal shares
+  (additive increase, multiplicative decrease);
 - 429s: each multiplies the rates by DECREASE (once per round of attempts, and once per LOWER_GAP_S
   after the pause) and holds every attempt until its Retry-After; one whose headers leave most of
   every limit (or, without headers of its own, the latest answer's did), the first in ISOLATED_ATTEMPTS
   attempts (a 429 for another reason), by STRAY_DECREASE, holding only itself. While attempts are
-  held the rates do not climb, and after the hold the pace starts afresh (no burst to catch up).
+  held the rates do not climb, and after the hold the pace starts afresh (no burst to catch up); from
+  the third hold in a row (an attempt sent after a hold refused again), each hold doubles from
+  MIN_HOLD_S up to MAX_HOLD_S (clients that all come back when told, where refusals count, would all be
+  refused again for good).
   Without headers, every 429 holds every attempt for at least MIN_HOLD_S (the bucket of a server that
   counts refusals, or that another client shares, refills instead of being dug deeper), the first
   429 starts a pace under the rate the server took (bounded by a Retry-After said within the second;
@@ -30,8 +39,7 @@ spread over time and never burst, whatever the headers say is left. The rates co
   ADMITTED_S comes down to it (the holds, not the pace, set the sending), and every 429 caps the
   rates at PROBE_DECREASE of the rate the server admitted over the last ADMITTED_S (the attempts not
   answered 429: a refusal comes back at once, an answer takes its time), where it refused enough of
-  them (SATURATED) to be at its limit. The rate then climbs back by RECOVERY of its target a second
-  (additive increase, multiplicative decrease: clients sharing a limit converge to equal shares);
+  them (SATURATED) to be at its limit. The rate then climbs back by RECOVERY of its target a second;
   without a target, slowly from NEAR of the rate of the last 429 (a 429 there lowers it by
   PROBE_DECREASE), faster the longer no 429 came (QUIET_S), so that probing above it costs a 429 now
   and then, not a stream of them. Measured over minutes of virtual time against every enforcement in
@@ -44,6 +52,7 @@ and has answered no 429 (a local vLLM) is not paced: the concurrency grows by on
 each round, as TCP's slow start) up to the --concurrency ceiling.
 """
 import asyncio
+import heapq
 import math
 import re
 import time
@@ -57,7 +66,7 @@ DEFAULT_WINDOW = 60.0  # seconds a limit takes to refill from empty: RPM and TPM
 MIN_WINDOW, MAX_WINDOW = 1.0, 60.0  # a window read from the headers outside these is not believed
 MIN_USED = 10  # a window is read only from this many units used (remaining is rounded down: within 5%)
 MIN_RESET = 0.01  # nor from a shorter reset (headers round it to the millisecond: within 5%)
-WINDOW_READINGS = 25  # the window believed is the median of this many readings (rounding errors cancel)
+WINDOW_READINGS = 25  # the closest readings of the window kept (their median, of those close enough, believed)
 DECREASE = 0.85  # a 429: the rates times this
 LOW_DECREASE = 0.95  # the headers' remaining near zero: the rates times this, at most once a second
 LOW_REMAINING = 0.02  # "near zero": this share of the limit (at least one request's cost)
@@ -77,9 +86,18 @@ CATCH_UP_S = 0.05  # lateness the pace makes up for (a short burst), so that it 
 SMOOTHING = 0.1  # the latency and the tokens of a request are averages over about this many answers, inverted
 QUIET_S = 20.0  # without headers, the gentle climb near the last 429 is 1 + (seconds without one) / this times faster
 MIN_HOLD_S = 0.25  # without headers, a 429 holds every attempt at least this long
-SHARES_S = 1.0  # the others' share of a limit is read over this long
-SHARES_SMOOTHING = 0.3  # each reading moves the estimate this far
-MIN_SHARE = 0.2  # this client's target never falls below this share of the limit, however many share it
+MAX_HOLD_S = 8.0  # from the third hold in a row (attempts after a hold refused again), holds double up to this
+DRAIN_S = 1.0  # a draining limit (clients of one key together above it) is read over this long ...
+SLOW_DRAIN_S = 4.0  # ... and over this long, where it fell by
+DRAIN_COSTS = 2  # ... this many requests' worth, and as many are missing from it, or
+FAST_DRAIN_COSTS = 5  # ... sooner, from MIN_DRAIN_S on, where it fell by this many
+MIN_DRAIN_S = 0.1  # (a reading spans this long at least)
+MAX_DRAIN_DECREASE = 0.5  # a draining limit lowers the rates by at most this factor at once
+START_SHARE = 0.6  # the headers' first limit: the rate starts at this share of its target, and climbs
+START_RECOVERY = 0.5  # ... by this share of it a second until a decrease, at most
+START_ROUNDS = 4  # ... taking at least this many answers' latency to reach it
+DRAIN_TO = 0.9  # a draining limit: the rates times DRAIN_TO * refill / every client's rate (all together
+#   come to this share of the refill, each keeping its share: the climbs, alike, make the shares equal)
 CHARS_PER_TOKEN = 4  # the pacing estimate of a prompt's tokens (the server's count corrects it)
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|μs|ns)")
@@ -100,6 +118,13 @@ def parse_duration(text) -> float | None:
     if not text or _DURATION.sub("", text):  # something that is not a duration part
         return None
     return sum(float(number) * _UNITS[unit] for number, unit in _DURATION.findall(text))
+
+
+def duration_resolution(text) -> float:
+    """The last digit's worth of a duration as written: "17ms" 0.001, "1.5s" 0.1, "6m0s" 1, "12" 1."""
+    text = str(text).strip()
+    parts = _DURATION.findall(text) or [(text, "s")]
+    return min(_UNITS[unit] * 10.0 ** -(len(number.split(".")[1]) if "." in number else 0) for number, unit in parts)
 
 
 def _number(text) -> float | None:
@@ -127,8 +152,7 @@ def smooth(average: float | None, value: float) -> float:
 class Pace:
     """One limit's send rate, in units (requests, or tokens) a second; None: not paced."""
     limit: float | None = None  # from the headers
-    target: float | None = None  # TARGET_SHARE of limit / window, less what other clients of the key send
-    others: float = 0.0  # what other clients of the same key send, a second (Shares)
+    target: float | None = None  # TARGET_SHARE of limit / window
     rate: float | None = None  # what is sent at now
     refused_at: float | None = None  # the rate of the last 429 (or near-zero remaining)
     next_at: float = 0.0  # when the next attempt may go, by this limit
@@ -137,6 +161,7 @@ class Pace:
     unpaced_at: float = -math.inf  # when the last of them went
     lowered_at: float = -math.inf  # the last time the remaining headers lowered it
     quiet_since: float = 0.0  # the end of the last 429's pause
+    drained: bool = False  # clients of the key took more than refilled, and the bucket is not yet back near full
 
     def wait(self, now: float) -> float:
         return 0.0 if self.rate is None else max(0.0, self.next_at - now)
@@ -151,15 +176,18 @@ class Pace:
             self.unpaced = (self.unpaced if now - self.unpaced_at < 1.0 else 0.0) + cost
             self.unpaced_at = now
 
-    def set_limit(self, limit: float, window: float) -> None:
-        """A limit the headers reported: the target follows it; the rate starts there."""
+    def set_limit(self, limit: float, window: float, now: float) -> None:
+        """A limit the headers reported: the target follows it. The rate starts under it, at START_SHARE
+        of it (another client of the key may be sending at the limit, and a full bucket does not show
+        it: a start at the target would double the sending), after what went before it (the probe), and
+        climbs from now."""
         self.limit = limit
-        full = TARGET_SHARE * limit / window
-        self.target = max(full - self.others, MIN_SHARE * full)
-        if self.rate is None:  # the pace starts after what went before it (the probe)
-            self.next_at = max(self.next_at, self.unpaced_at + self.unpaced / self.target)
-        # Nothing refused yet: the rate is the target (a window read shorter than believed raises it).
-        self.rate = self.target if self.rate is None or self.refused_at is None else min(self.rate, self.target)
+        self.target = TARGET_SHARE * limit / window
+        if self.rate is None:
+            self.rate = START_SHARE * self.target
+            self.next_at = max(self.next_at, self.unpaced_at + self.unpaced / self.rate)
+            self.climbed_at = now
+        self.rate = min(self.rate, self.target)
 
     def lower(self, factor: float, refused_at: float | None = None) -> None:
         """Multiplicative decrease; `refused_at`: the rate the refused attempt was sent at (a refusal
@@ -169,14 +197,21 @@ class Pace:
         self.refused_at = refused_at or self.rate
         self.rate = max(self.rate * factor, 1e-3)
 
-    def climb(self, now: float) -> None:
-        """Additive increase: RECOVERY of the target a second, up to it; without a target (no headers),
-        RECOVERY of the last refused rate, and NEAR_RECOVERY of it near it (probing above it gently)."""
+    def climb(self, now: float, latency: float | None = None) -> None:
+        """Additive increase: RECOVERY of the target a second, up to it (from the start, START_RECOVERY,
+        in no fewer than START_ROUNDS answers' `latency`); without a target (no headers), RECOVERY of the
+        last refused rate, and NEAR_RECOVERY of it near it (probing above it gently)."""
         if self.rate is None:
             return
         elapsed, self.climbed_at = max(0.0, now - self.climbed_at), max(now, self.climbed_at)
+        if self.drained:  # clients of the key took more than refilled: not before it is made up
+            return
         base = self.target or self.refused_at or self.rate
         step = RECOVERY * base if self.target or self.refused_at else PROBE_GROWTH * self.rate
+        if self.target is not None and self.refused_at is None:  # the start under the target: quickly, as
+            # fast as answers can say that other clients of the key fill the limit
+            rounds_s = START_ROUNDS * (latency or 0.0)
+            step = (min(START_RECOVERY, (1 - START_SHARE) / rounds_s) if rounds_s else START_RECOVERY) * base
         if self.target is None and self.refused_at is not None and NEAR * self.refused_at <= self.rate:
             # near the rate of the last 429: gently; well past it without a 429, it was no limit
             step = NEAR_RECOVERY * self.refused_at if self.rate <= self.refused_at / NEAR else RECOVERY * self.rate
@@ -188,57 +223,74 @@ class Pace:
 
 class Window:
     """The seconds a limit takes to refill from empty: a minute (RPM, TPM) unless the reset headers say
-    otherwise. A reading is reset * limit / used, taken where enough is used to read it within 5%
-    (remaining is rounded down), from the limit with the most used (a provider's limits share their
-    window); the median of the last WINDOW_READINGS is believed when it is within bounds (a header that
-    reports another bucket than the limit's gives scattered readings)."""
+    otherwise. A reading is reset * limit / used, within half the reset's last digit and half a unit of
+    used (remaining is rounded down), taken where enough is used to read it within a few %, from the
+    limit with the most used (a provider's limits share their window). The median of the WINDOW_READINGS
+    closest readings so far, of those within twice the closest one's error, is believed when it is
+    within bounds (a header that reports another bucket than the limit's gives scattered readings): at a
+    steady rate under the limit every reading is the same coarse one (a few ms of reset), and the closer
+    ones of busier moments are not pushed out by it."""
 
     def __init__(self):
-        self.readings = deque(maxlen=WINDOW_READINGS)
+        self.readings = []  # (-error, seconds): a heap of the closest readings, the least close first
         self.seconds = DEFAULT_WINDOW
 
-    def read(self, limit: float, remaining: float, reset: float | None) -> None:
+    def read(self, limit: float, remaining: float, reset: float | None, resolution: float = 0.001) -> None:
         used = limit - remaining - 0.5  # remaining is rounded down: used is within half a unit of this
         if reset is None or reset < MIN_RESET or used < MIN_USED:  # too coarse to read within a few %
             return
-        self.readings.append(reset * limit / used)
-        median = sorted(self.readings)[len(self.readings) // 2]
+        reading = (-(resolution / 2 / reset + 0.5 / used), reset * limit / used)
+        if len(self.readings) < WINDOW_READINGS:
+            heapq.heappush(self.readings, reading)
+        elif reading[0] > self.readings[0][0]:  # closer than the least close kept
+            heapq.heapreplace(self.readings, reading)
+        closest = -max(self.readings)[0]
+        values = sorted(seconds for error, seconds in self.readings if -error <= 2 * closest)
+        median = values[len(values) // 2]
         if MIN_WINDOW <= median <= MAX_WINDOW:
             self.seconds = median
 
 
-class Shares:
-    """What other clients of the same key send, read from the headers: between two answers, the server's
-    remaining fell by what every client sent less what refilled; what this client sent in between is
-    known, the rest is the others'. Read over SHARES_S of sending, where the limit was not full (a full
-    bucket hides what was taken), smoothed."""
+class Drain:
+    """How fast every client of a key sends together, where that is more than the limit refills: between
+    two answers the server's remaining fell by what every client sent less what refilled. Read from a
+    mark below full (a full bucket hides what was taken) over DRAIN_S of sending, and over SLOW_DRAIN_S
+    (a slow drain, as clients climb past the limit together, falls by less than the jitter in a second),
+    where it fell by more than that jitter: DRAIN_COSTS requests' worth (FAST_DRAIN_COSTS over less than
+    half of DRAIN_S), and as many are missing from it. The faster of the two readings counts."""
 
     def __init__(self):
-        self.marks = {kind: deque() for kind in KINDS}  # (sent_at, own units sent by then, remaining)
-        self.others = dict.fromkeys(KINDS, 0.0)
+        # kind -> span -> (sent_at, remaining) of the answers over that span
+        self.marks = {kind: {span: deque() for span in (DRAIN_S, SLOW_DRAIN_S)} for kind in KINDS}
+        self.since = dict.fromkeys(KINDS, -math.inf)  # readings start after this (the last decrease)
 
-    def read(self, kind: str, sent_at: float, own_sent: float, limit: float, remaining: float, cost: float,
-             refill: float) -> float:
-        """The others' rate of `kind` after an answer to an attempt sent at `sent_at`, when this client
-        had sent `own_sent` units in all (that attempt included)."""
-        marks = self.marks[kind]
-        if remaining >= limit - cost:  # full: nothing to read, and the others take no share of the limit
+    def read(self, kind: str, sent_at: float, limit: float, remaining: float, cost: float,
+             refill: float) -> float | None:
+        """Every client's rate of `kind` together after an answer to an attempt sent at `sent_at`, where
+        the bucket is draining; None where it is not, or not long enough to say."""
+        if remaining >= limit - cost:  # full: every client together sends no more than it refills
+            self.restart(kind, self.since[kind])
+            return None
+        if sent_at < self.since[kind]:
+            return None
+        together = None
+        for longest, marks in self.marks[kind].items():
+            marks.append((sent_at, remaining))
+            while len(marks) > 2 and marks[1][0] <= sent_at - longest:
+                marks.popleft()
+            first_at, first_remaining = marks[0]
+            span, fell = sent_at - first_at, (first_remaining - remaining) / cost
+            if limit - remaining < DRAIN_COSTS * cost or span < MIN_DRAIN_S:
+                continue  # near full (the jitter of arrivals), or too soon to say
+            if fell >= (FAST_DRAIN_COSTS if span < DRAIN_S / 2 else DRAIN_COSTS):
+                together = max(together or 0.0, refill + fell * cost / span)
+        return together
+
+    def restart(self, kind: str, now: float) -> None:
+        """Readings of the rate from `now` on only (the rate changed)."""
+        for marks in self.marks[kind].values():
             marks.clear()
-            self.others[kind] = max(0.0, self.others[kind]) * 0.5
-            return self.others[kind]
-        marks.append((sent_at, own_sent, remaining))
-        while len(marks) > 2 and marks[1][0] <= sent_at - SHARES_S:
-            marks.popleft()
-        first = marks[0]
-        span = sent_at - first[0]
-        if span >= SHARES_S / 2:
-            taken = refill * span - (remaining - first[2])  # by every client, as the server counted
-            # Each reading is noisy both ways (the window is read within a few %, the attempts reach the
-            # server a little later than they went, not in order): averaged unclipped, so that noise
-            # cancels instead of adding up to a share of nobody's
-            others = (taken - (own_sent - first[1])) / span
-            self.others[kind] += SHARES_SMOOTHING * (others - self.others[kind])
-        return max(0.0, self.others[kind])
+        self.since[kind] = now
 
 
 @dataclass
@@ -247,7 +299,6 @@ class Ticket:
     seq: int
     tokens: int
     sent_at: float
-    own_sent: dict = field(default_factory=dict)  # kind -> units this client had sent, this attempt included
     rates: dict = field(default_factory=dict)  # kind -> the pace's rate when it went
 
 
@@ -268,9 +319,10 @@ class RateLimiter:
         self.reports_limits = None  # None until the first answer: whether the server sends the headers
         self.paces = {kind: Pace() for kind in KINDS}
         self.window = Window()
-        self.shares = Shares()
-        self._own_sent = dict.fromkeys(KINDS, 0.0)
+        self.drain = Drain()
         self.paused_until = 0.0  # no attempt goes before this (a 429's Retry-After)
+        self._held_until = 0.0  # the end of the last 429's hold
+        self.holds = 0  # holds in a row: a 429 of an attempt sent after the one before ended
         self.held = 0  # request slots held
         self.out = 0  # attempts let go and not released
         self._slot_waiters = deque()
@@ -370,9 +422,7 @@ class RateLimiter:
         self._sent_times.append(now)
         self._forget(now)
         self.stats["max_out"] = max(self.stats["max_out"], self.out)
-        self._own_sent["requests"] += 1
-        self._own_sent["tokens"] += tokens
-        return Ticket(seq=self._seq, tokens=tokens, sent_at=now, own_sent=dict(self._own_sent),
+        return Ticket(seq=self._seq, tokens=tokens, sent_at=now,
                       rates={kind: pace.rate for kind, pace in self.paces.items()})
 
     def _margin(self) -> float:
@@ -445,13 +495,15 @@ class RateLimiter:
             self._refused(ticket, retry_after, now, limits_left=isolated)
         elif status is not None and status < 400:
             self.last_accepted_at, self.refused_since = now, 0
+            if ticket.sent_at >= self._held_until:
+                self.holds = 0
             self._latency = smooth(self._latency, now - ticket.sent_at)
             self._answers.append(now)
             while self._answers[0] < now - 1.0:
                 self._answers.popleft()
             self._tokens = smooth(self._tokens, ticket.tokens)
             for pace in self.paces.values():
-                pace.climb(now)
+                pace.climb(now, self._latency)
             if not self.paced:  # slow start: one more out per answer, doubling each round
                 self._set_concurrency(self.concurrency + 1)
             elif self.concurrency < self.ceiling:
@@ -468,15 +520,21 @@ class RateLimiter:
         readable = [k for k in found if (resets[k] or 0) >= MIN_RESET]
         if readable:  # the window from the limit with the most units used: the closest reading
             kind = max(readable, key=lambda k: found[k][0] - found[k][1])
-            self.window.read(*found[kind], resets[kind])
+            self.window.read(*found[kind], resets[kind], duration_resolution(headers.get(f"x-ratelimit-reset-{kind}")))
         for kind, (limit, remaining) in found.items():
             pace = self.paces[kind]
             cost = self._cost(kind)
-            pace.others = self.shares.read(kind, ticket.sent_at, ticket.own_sent.get(kind, 0.0), limit, remaining,
-                                           cost, limit / self.window.seconds)
-            pace.set_limit(limit, self.window.seconds)
-            self.seen[kind] = {"limit": limit, "remaining": remaining, "reset": headers.get(f"x-ratelimit-reset-{kind}"),
-                               "others_per_s": round(pace.others, 3)}
+            refill = limit / self.window.seconds
+            together = self.drain.read(kind, ticket.sent_at, limit, remaining, cost, refill)
+            if remaining >= limit - DRAIN_COSTS * cost:
+                pace.drained = False
+            pace.set_limit(limit, self.window.seconds, now)
+            if together is not None:  # clients of the key together above the limit: each down by as much
+                pace.lower(max(MAX_DRAIN_DECREASE, DRAIN_TO * refill / together))
+                pace.drained = True
+                pace.climbed_at = max(pace.climbed_at, now)
+                self.drain.restart(kind, now)
+            self.seen[kind] = {"limit": limit, "remaining": remaining, "reset": headers.get(f"x-ratelimit-reset-{kind}")}
             if remaining <= max(LOW_REMAINING * limit, cost) and now - pace.lowered_at >= 1.0:
                 pace.lowered_at = now  # the limit is reached, by this client or another of the same key
                 pace.lower(LOW_DECREASE)
@@ -503,7 +561,12 @@ class RateLimiter:
             hold = retry_after or 0.0
             if not self.reports_limits:
                 hold = max(hold, MIN_HOLD_S)
+            if ticket.sent_at >= self._held_until:  # went after the last hold, and refused again
+                self.holds += 1
+            if self.holds > 2:  # clients that all come back when told are all refused again: back off
+                hold = max(hold, min(MAX_HOLD_S, MIN_HOLD_S * 2 ** (self.holds - 3)))
             self.paused_until = max(self.paused_until, now + hold)
+            self._held_until = self.paused_until
             for pace in self.paces.values():  # and after the pause the pace starts afresh: no catching up
                 pace.climbed_at = max(pace.climbed_at, self.paused_until)
                 pace.next_at = max(pace.next_at, self.paused_until)

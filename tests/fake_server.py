@@ -339,7 +339,7 @@ class FakeServer(InThread):
             # when the first request came and the last answer went (time.monotonic()), and every verdict
             self._stats["ratelimit"] = {"admitted": 0, "rejected": 0, "admitted_tokens": 0,
                                         "lowest_remaining": {}, "first_at": None, "last_at": None,
-                                        "answers": []}  # (s since first_at, admitted, tokens) of each request
+                                        "answers": []}  # (s since first_at, admitted, tokens, model) of each request
 
     async def _chat(self, request: web.Request) -> web.Response:
         try:
@@ -393,7 +393,7 @@ class FakeServer(InThread):
         admitted, headers = self._limits.admit(tokens)
         counts["admitted" if admitted else "rejected"] += 1
         counts["admitted_tokens"] += tokens if admitted else 0
-        counts["answers"].append((round(time.monotonic() - counts["first_at"], 3), admitted, tokens))
+        counts["answers"].append((round(time.monotonic() - counts["first_at"], 3), admitted, tokens, body.get("model")))
         if admitted:
             for kind in self._limits.buckets:
                 left = int(headers[f"x-ratelimit-remaining-{kind}"])
