@@ -4,7 +4,8 @@ the launch scripts run with a stand-in `deepspeed` that prints the command they 
 train.py's parser then reads; the `hf` CLI is asked for its options. The README's quickstart runs for
 real, scaled down: generation against the fake OpenAI server in place of the embedded one (the
 embedded server is started and stopped by tests/test_chain.py), then build_dataset, training under
-ZeRO-2 on the CPU, evaluation and the report."""
+ZeRO-2 on the CPU, evaluation and the report. docs/full-scale.md's by-hand reproduction runs too, scaled
+down: the fake server for gpt-4o-mini, a tiny model for each 7B base, two CPU ranks for eight GPUs."""
 import os
 import re
 import shlex
@@ -199,3 +200,55 @@ def test_the_full_scale_cost_shown_is_what_the_command_prints(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     total = next(line for line in result.stdout.splitlines() if line.startswith("chain --dry_run: total"))
     assert total.replace(",", "").split()[-4:] == shown, (total, shown)
+
+
+def scaled_down(command: str, model: Path) -> str:
+    """A full-scale command as it runs here: a handful of questions, the tiny model for each 7B base, two
+    CPU ranks for 8 GPUs, two optimizer steps, one engine shard, two test problems of 32 tokens."""
+    if command.startswith(("python gen_cot.py", "python persona_augment.py", "python reflection.py")):
+        command += " --limit 10"
+    if "bash run_zero" in command:
+        command = re.sub(r"MODEL_PATH=\S+", f"MODEL_PATH={model}", command).replace("NUM_GPUS=8", "NUM_GPUS=2")
+        command += " --max_steps 2"
+    if "--tensor_parallel_size 4" in command:
+        command = command.replace("--tensor_parallel_size 4", "--tensor_parallel_size 1") + " --limit 2 --max_tokens 32"
+    return command
+
+
+@pytest.mark.slow
+def test_the_full_scale_commands_run_scaled_down(tmp_path, embedded_model):
+    """docs/full-scale.md's by-hand reproduction, command by command, as bash runs them (the run folder
+    $R in tmp_path), scaled down: generation against the fake server standing in for gpt-4o-mini (it knows
+    every train question's gold; it gets some wrong, so reflection has work), the tiny model for each base.
+    The three launches are one command once scaled down (the base models all become the tiny one) but for
+    the output folder: the one the evaluation commands read runs."""
+    from fake_server import FakeServerConfig, start_in_thread
+    from tiny_model import make_tiny_llama
+
+    from personamath.data import TRAIN_FILES, load_problems
+
+    tiny = make_tiny_llama(tmp_path / "tiny", tokenizer_dir=embedded_model)
+    run = tmp_path / "full"
+    steps = [scaled_down(command, tiny) for _, command in commands(ROOT / "docs" / "full-scale.md",
+                                                                    "Reproducing the paper at full scale")]
+    assert steps[:2] == ["export OPENAI_API_KEY=...", "R=runs/full"], steps[:2]
+    launches = [c for c in steps[2:] if "bash run_zero" in c]
+    assert len(launches) == 3 and len({re.sub(r"OUTPUT_DIR=\S+", "", c) for c in launches}) == 1, launches
+    evaluated = re.search(r"--model (\S+)", next(c for c in steps if "eval_gsm8k.py" in c))[1]
+    problems = [p for source, path in TRAIN_FILES.items() for p in load_problems(source, ROOT / path)]
+    with start_in_thread(FakeServerConfig(model="gpt-4o-mini", problems=problems)) as server:
+        env = {**os.environ, "R": str(run), "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": server.url,
+               "PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}"}
+        for command in steps[2:]:
+            if "bash run_zero" in command and "OUTPUT_DIR=" + evaluated not in command:
+                continue
+            result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                                    env=env)
+            assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
+    for stage in ("cot", "persona", "reflection", "reflection_persona"):
+        assert (run / "gen" / f"{stage}.jsonl").exists(), stage
+    assert (run / "dataset" / "PersonaMathQA.jsonl").stat().st_size > 0
+    assert (run / "train" / "PersonaMath-Qwen2.5-7B" / "training_summary.json").exists()
+    for task in ("gsm8k", "math"):
+        assert (run / "eval" / "PersonaMath-Qwen2.5-7B" / task / "summary.json").exists(), task
+    assert "PersonaMath-Qwen2.5-7B" in (run / "report.md").read_text()
