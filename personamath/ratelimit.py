@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 
 KINDS = ("requests", "tokens")
 INITIAL_CONCURRENCY = 4  # attempts out before the first answer says whether the server has limits
-TARGET_SHARE = 0.98  # of a reported limit's rate: what the jitter of arrival times leaves to spare
+TARGET_SHARE = 0.99  # of a reported limit's rate: what the jitter of arrival times leaves to spare (measured: no 429 at 0.99)
 DEFAULT_WINDOW = 60.0  # seconds a limit takes to refill from empty: RPM and TPM are per minute
 MIN_WINDOW, MAX_WINDOW = 1.0, 60.0  # a window read from the headers outside these is not believed
 MIN_USED = 10  # a window is read only from this many units used (remaining is rounded down: within 5%)
