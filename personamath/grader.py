@@ -185,14 +185,23 @@ def default_workers() -> int:
 
 
 def grading_pool(workers: int | None = None):
-    """A pebble pool for verify_safely. Not forked from the caller, which may hold vLLM's or asyncio's
-    threads and locks: forked from a fresh server process that imported math-verify once, so that each
-    worker (and each replacement of a worker killed on a timeout) starts in milliseconds, not a second."""
+    """A pebble pool for verify_safely, started. Not forked from the caller, which may hold vLLM's or
+    asyncio's threads and locks: forked from a fresh server process that imported math-verify once, so
+    that each worker (and each replacement of a worker killed on a timeout) starts in milliseconds, not
+    a second. Started here, before a stage sends anything: its first task would start it, and that
+    half second (2-core CPU) held the stage's event loop at its first answers (traced: the attempts
+    those answers let go reached the server 0.5 s late)."""
     from pebble import ProcessPool
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["math_verify"])
-    return ProcessPool(max_workers=workers or default_workers(), initializer=_warm_up_worker, context=context)
+    pool = ProcessPool(max_workers=workers or default_workers(), initializer=_warm_up_worker, context=context)
+    pool.schedule(_started)  # pebble starts a pool at its first task
+    return pool
+
+
+def _started() -> bool:
+    return True
 
 
 def failed_verdict(err: BaseException, timeout: float) -> Verdict:

@@ -127,6 +127,23 @@ def test_a_timed_out_item_is_graded_wrong_and_the_pool_goes_on():
     assert verdicts[1].correct and verdicts[2].correct
 
 
+
+def test_the_stages_grading_pool_is_started_when_made_not_at_its_first_task():
+    """Its workers run when grading_pool() returns (a stage makes it before sending anything): started
+    by the first task, they held the stage's event loop half a second at its first answers."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    pool = grader.grading_pool(workers=2)
+    try:
+        started = [p for p in me.children(recursive=True) if p.pid not in before]
+        assert len(started) >= 2, started  # the two workers (and the forkserver, if it was not running)
+        assert pool.schedule(grader.verify_safely, args=("math", boxed("3"), "3")).result(timeout=60).correct
+    finally:
+        pool.close()
+        pool.join()
+
 def test_gold_of_unbraced_boxed_train_solutions():
     assert parser.gold_boxed_answer("so our answer is $\\boxed 2$.") == "2"
     assert parser.gold_boxed_answer("\\boxed{3} and later \\boxed 4") == "4"  # the last box, as always
