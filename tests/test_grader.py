@@ -127,7 +127,6 @@ def test_a_timed_out_item_is_graded_wrong_and_the_pool_goes_on():
     assert verdicts[1].correct and verdicts[2].correct
 
 
-
 def test_the_stages_grading_pool_is_started_when_made_not_at_its_first_task():
     """Its workers run when grading_pool() returns (a stage makes it before sending anything): started
     by the first task, they held the stage's event loop half a second at its first answers."""
@@ -143,6 +142,7 @@ def test_the_stages_grading_pool_is_started_when_made_not_at_its_first_task():
     finally:
         pool.close()
         pool.join()
+
 
 def test_gold_of_unbraced_boxed_train_solutions():
     assert parser.gold_boxed_answer("so our answer is $\\boxed 2$.") == "2"

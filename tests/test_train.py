@@ -355,7 +355,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, tiny_model, train_file, 
 def test_vllm_loads_the_trained_model_with_its_logits(zero3_two_ranks):
     """vLLM's log-probabilities of a prompt under the saved model equal the HF model's. The engine is the
     eval scripts' own (make_llm, in this process, shut down before exit): an engine in its own process
-    left vLLM's output thread freeing tensors as Python exited, and 1 run in 4 aborted there
+    left vLLM's output thread freeing tensors as Python exited, and 1 run in 8 aborted there
     ("terminate called without an active exception")."""
     script = (
         "import json, sys\n"
